@@ -1,0 +1,79 @@
+"""Dense tensor-parallel layers: thin wrappers over megatron-core's TP linears and embedding.
+
+Wrappers return a plain tensor (megatron's layers return `(output, bias)`), take their init std
+explicitly, and always initialize on the CPU from one master weight that is then split across
+ranks (`use_cpu_initialization`): the same seed gives the same logical model at any TP size, which
+is what makes TP=2 == TP=1 testable and checkpoints re-shardable.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel as mtp
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+
+def megatron_config(params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+    return ModelParallelConfig(
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        params_dtype=params_dtype,
+        use_cpu_initialization=True,  # TP-independent init (see module docstring)
+        perform_initialization=True,
+        sequence_parallel=False,
+        gradient_accumulation_fusion=False,  # needs apex/TE fused kernels; never required
+    )
+
+
+def _normal(std: float):
+    return functools.partial(torch.nn.init.normal_, mean=0.0, std=std)
+
+
+class ColumnLinear(mtp.ColumnParallelLinear):
+    """y = x Wᵀ with W split by output rows; the output stays sharded (no gather)."""
+
+    def __init__(self, in_features: int, out_features: int, *, init_std: float, gather_output=False,
+                 skip_weight=False):
+        super().__init__(in_features, out_features, config=megatron_config(), init_method=_normal(init_std),
+                         bias=False, gather_output=gather_output, skip_bias_add=True,
+                         skip_weight_param_allocation=skip_weight)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x, weight=weight)[0]
+
+
+class RowLinear(mtp.RowParallelLinear):
+    """y = x Wᵀ with W split by input columns; input is sharded, output all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, *, init_std: float):
+        super().__init__(in_features, out_features, config=megatron_config(), init_method=_normal(init_std),
+                         bias=False, input_is_parallel=True, skip_bias_add=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[0]
+
+
+class VocabEmbedding(mtp.VocabParallelEmbedding):
+    def __init__(self, vocab_size: int, dim: int, *, init_std: float):
+        super().__init__(vocab_size, dim, init_method=_normal(init_std), config=megatron_config())
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token loss from vocab-sharded logits, without gathering the full vocabulary."""
+    return mtp.vocab_parallel_cross_entropy(logits.float(), targets)
+
+
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits from the shards (generation only)."""
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return logits
+    return mtp.gather_from_tensor_model_parallel_region(logits)
+
+
+def tp_size() -> int:
+    return ps.get_tensor_model_parallel_world_size()
+
+
+def tp_rank() -> int:
+    return ps.get_tensor_model_parallel_rank()

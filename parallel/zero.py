@@ -1,0 +1,93 @@
+"""DeepSpeed wiring: the megatron-core grid handed to DeepSpeed as an `mpu`, the engine config, and
+ZeRO stage 0-3 over the data-parallel group only.
+
+DeepSpeed asks the `mpu` for its groups; answering from megatron-core's parallel_state means both
+libraries describe the same grid, so ZeRO shards optimizer state across data-parallel replicas
+and never across tensor-parallel shards, and the global grad norm is reduced over the
+model-parallel group (DeepSpeed skips TP-replicated parameters on TP rank > 0 by the
+`tensor_model_parallel` attribute megatron-core sets).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from megatron.core import parallel_state as ps
+
+
+class MegatronMPU:
+    """The subset of the Megatron-LM `mpu` API that DeepSpeed calls."""
+
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_src_rank = staticmethod(ps.get_tensor_model_parallel_src_rank)
+    get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)
+    # "model parallel" in DeepSpeed's vocabulary = tensor x pipeline
+    get_model_parallel_group = staticmethod(ps.get_model_parallel_group)
+
+    @staticmethod
+    def get_model_parallel_rank() -> int:
+        return torch.distributed.get_rank(group=ps.get_model_parallel_group())
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return torch.distributed.get_world_size(group=ps.get_model_parallel_group())
+
+    @staticmethod
+    def get_data_parallel_group_ranks() -> list[int]:
+        return torch.distributed.get_process_group_ranks(ps.get_data_parallel_group())
+
+
+def engine_config(*, micro_batch: int, grad_accum: int, zero_stage: int, bf16: bool, grad_clip: float) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage in (1, 2):
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # torch AdamW as a client optimizer
+        "steps_per_print": 2**62,  # our own logging
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": False},
+    }
+
+
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler, config: dict):
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config,
+        mpu=MegatronMPU(), dist_init_required=False,
+    )
+    if config["zero_optimization"]["stage"] == 3 and hasattr(model, "external_parameters"):
+        # ZeRO-3 gathers a partitioned parameter only around the module that owns it; a module
+        # that borrows one (the tied head) must say so.
+        for module, param in model.external_parameters():
+            deepspeed.zero.register_external_parameter(module, param)
+    return engine
+
+
+def discard_gradients(engine) -> None:
+    """Throw away this step's accumulated gradients without touching weights or optimizer state.
+
+    Used when a micro-batch of the step produced a non-finite loss: its backward was never run,
+    and the step's optimizer update is skipped as a whole."""
+    engine.optimizer.zero_grad(set_to_none=True)
+    opt = engine.optimizer
+    # ZeRO-1/2 keep reduced partition gradients in their own buffers
+    if hasattr(opt, "averaged_gradients"):
+        for k in list(opt.averaged_gradients.keys()):
+            opt.averaged_gradients[k] = None
+    if hasattr(opt, "_release_preflattened_grad_buffers"):
+        opt._release_preflattened_grad_buffers()

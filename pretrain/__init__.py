@@ -1,0 +1,1 @@
+"""Frugal: pretraining of efficient LLM architectures on megatron-core + DeepSpeed."""

@@ -1,0 +1,122 @@
+"""Command line: `python -m pretrain <command>` (also installed as `frugal`).
+
+    train          --config launch/configs/NAME.yaml [dotted.key=value ...]   (torchrun for N > 1)
+    prepare-data   --input FILES/GLOBS --tokenizer train|PATH --seq-len N --out DIR
+    generate       --checkpoint DIR --prompt TEXT
+
+User errors (config, data, checkpoint) print one clear message and exit with code 2; heavy
+libraries are imported only after the arguments are checked.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+
+def _quiet() -> None:
+    # megatron-core and DeepSpeed warn loudly about optional fused kernels we never use
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cmd_train(args) -> int:
+    from pretrain.config import load_config
+    from pretrain.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        hist = result["history"]
+        if hist:
+            first, last = hist[0], hist[-1]
+            print(f"done: loss {first['loss']:.3f} -> {last['loss']:.3f} over steps {first['step']}-{last['step']}; "
+                  f"checkpoint {result['checkpoint']}")
+        print(f"look at the run:  {result['ui']}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from pretrain.data import prepare_data
+
+    meta = prepare_data(args.input, args.tokenizer, args.seq_len, Path(args.out), vocab_size=args.vocab_size,
+                        val_fraction=args.val_fraction, samples_per_shard=args.samples_per_shard,
+                        workers=args.workers, seed=args.seed, overwrite=args.overwrite)
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    print(f"wrote {tr['samples']} train / {va['samples']} val sequences of {meta['seq_len'] + 1} tokens in "
+          f"{len(tr['shards']) + len(va['shards'])} shards to {args.out} (vocab {meta['vocab_size']})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pretrain.generate import Generator, SamplingConfig
+
+    gen = Generator(args.checkpoint)
+    s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       seed=args.seed)
+    texts = gen.generate(args.prompt, s, num_samples=args.num_samples)
+    if gen.layout.is_rank0:
+        for i, t in enumerate(texts):
+            print(f"--- sample {i} ---\n{t}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("--config", required=True, help="launch/configs/NAME.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. parallel.tensor=2")
+    t.set_defaults(fn=cmd_train)
+
+    d = sub.add_parser("prepare-data", help="tokenize text into webdataset shards of packed sequences")
+    d.add_argument("--input", nargs="+", required=True, help=".txt / .jsonl files or globs (** allowed)")
+    d.add_argument("--tokenizer", required=True, help="'train' (byte-level BPE on the input) or a tokenizer.json")
+    d.add_argument("--seq-len", type=int, required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--vocab-size", type=int, default=8192, help="when training a tokenizer")
+    d.add_argument("--val-fraction", type=float, default=0.01)
+    d.add_argument("--samples-per-shard", type=int, default=2048)
+    d.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    d.add_argument("--seed", type=int, default=1234)
+    d.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder")
+    d.set_defaults(fn=cmd_prepare)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("--checkpoint", required=True, help="run dir, its checkpoints/ dir or a step_* dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet()
+    from pretrain.errors import FrugalError
+
+    try:
+        return args.fn(args)
+    except FrugalError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Sharded checkpoints: DeepSpeed's per-rank model/optimizer shards + Frugal's client state.
+
+    <run dir>/checkpoints/
+        latest                    name of the newest COMPLETE checkpoint (replaced atomically)
+        step_000100/
+            mp_rank_00_model_states.pt, *_optim_states.pt   DeepSpeed shards (per TP / DP rank)
+            rng_rank00000.pt                                 RNG states of every rank
+            frugal.json                                      step, data position, MLflow run id,
+                                                             resolved config (readable without torch)
+
+A checkpoint becomes `latest` only after every rank reported a finished write; a save that dies
+half-way leaves a folder that `latest` never names, so resume never picks it (and the next save
+of that step replaces it). Older complete checkpoints beyond `keep_last` are deleted after that.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain.errors import CheckpointError
+
+LATEST = "latest"
+META = "frugal.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _step_of(tag: str) -> int:
+    return int(tag.removeprefix("step_"))
+
+
+def read_latest(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint under ckpt_dir, or None if there is none."""
+    pointer = ckpt_dir / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    path = ckpt_dir / tag
+    if not (path / META).is_file():
+        raise CheckpointError(f"{pointer} names {tag}, but {path / META} is missing: the checkpoint "
+                              "folder was damaged after it was written")
+    return path
+
+
+def resolve_resume(setting: str, run_ckpt_dir: Path) -> Path | None:
+    """Turn `checkpoint.resume` into a checkpoint folder (or None = fresh start)."""
+    if setting == "never":
+        if read_latest(run_ckpt_dir) is not None:
+            raise CheckpointError(
+                f"checkpoint.resume=never, but {run_ckpt_dir} already holds checkpoints; refusing to "
+                "overwrite them (use checkpoint.resume=auto, or another run dir)")
+        return None
+    if setting == "auto":
+        return read_latest(run_ckpt_dir)
+    path = Path(setting)
+    if (path / META).is_file():
+        return path
+    if path.is_dir() and (found := read_latest(path)) is not None:
+        return found
+    raise CheckpointError(f"checkpoint.resume={setting}: no complete checkpoint there "
+                          f"(expected a folder holding {META} or a `{LATEST}` file)")
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / META).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read checkpoint metadata {path / META}: {e}") from None
+
+
+def check_compatible(meta: dict[str, Any], model_cfg: dict[str, Any], parallel_cfg: dict[str, Any],
+                     path: Path) -> None:
+    """Refuse a checkpoint of another architecture or shape, naming every differing field."""
+    saved = meta["config"]["model"]
+    diffs = [f"model.{k}: checkpoint has {saved.get(k)!r}, this run has {v!r}"
+             for k, v in model_cfg.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was written for another model:\n  " + "\n  ".join(diffs))
+    saved_tp = meta["config"]["parallel"]["tensor"]
+    if saved_tp != parallel_cfg["tensor"]:
+        raise CheckpointError(
+            f"checkpoint {path} has parallel.tensor={saved_tp} shards, this run uses "
+            f"parallel.tensor={parallel_cfg['tensor']}; resume with the same tensor-parallel size")
+    if meta["dp_size"] != parallel_cfg["dp_size"] and parallel_cfg["zero_stage"] > 0:
+        raise CheckpointError(
+            f"checkpoint {path} holds ZeRO optimizer shards for {meta['dp_size']} data-parallel ranks, "
+            f"this run has {parallel_cfg['dp_size']}; resume with the same data-parallel size")
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], *, rank: int, keep_last: int,
+         extra_files: list[Path] = ()) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder.
+
+    `extra_files` (e.g. the tokenizer) are copied in by rank 0 so a checkpoint is self-contained."""
+    from parallel.distributed import all_ranks_true, barrier
+
+    tag = tag_for(step)
+    path = ckpt_dir / tag
+    ok = True
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"frugal": meta}, save_latest=False)
+        torch.save(_rng_state(), path / f"rng_rank{rank:05d}.pt")
+        if rank == 0:
+            for f in extra_files:
+                shutil.copy2(f, path / Path(f).name)
+            _write_atomic(path / META, json.dumps(meta, indent=1, default=str))
+    except OSError as e:
+        print(f"[rank {rank}] checkpoint write failed: {e}", flush=True)
+        ok = False
+    if not all_ranks_true(ok):  # someone failed: `latest` keeps pointing at the previous one
+        raise CheckpointError(f"saving checkpoint {path} failed on at least one rank; "
+                              f"{ckpt_dir / LATEST} still names the previous checkpoint")
+    if rank == 0:
+        _write_atomic(ckpt_dir / LATEST, tag)
+        _prune(ckpt_dir, keep_last, current=tag)
+    barrier()
+    return path
+
+
+def load(engine, path: Path, *, rank: int) -> dict[str, Any]:
+    """Load shards + this rank's RNG state; returns the Frugal metadata."""
+    load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed found no loadable shards in {path}")
+    rng_file = path / f"rng_rank{rank:05d}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return client["frugal"]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(ckpt_dir: Path, keep_last: int, current: str) -> None:
+    tags = sorted((p.name for p in ckpt_dir.glob("step_*") if (p / META).is_file()), key=_step_of)
+    for tag in tags[:-keep_last] if keep_last > 0 else []:
+        if tag != current:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)

@@ -1,0 +1,256 @@
+"""Run configuration: pydantic models, YAML files and dotted command-line overrides.
+
+A run is described by one YAML file (launch/configs/*.yaml) plus `dotted.key=value` overrides.
+Every section forbids unknown keys, so a typo is an error that names the field instead of a
+silently ignored setting. The fully resolved config is saved with every checkpoint and to MLflow.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from pretrain.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    arch: Literal["llama"] = "llama"  # model family; a checkpoint only loads into the same family
+    # One character per block, over the block registry (pretrain/models/structure.py): "TTTT" is
+    # four LLaMA blocks. Architectures extend the alphabet (e.g. SUBLLM's "(" and ")").
+    structure: str = "TTTT"
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # GQA query groups; None = n_heads (plain multi-head attention)
+    ffn_hidden: int = 688  # SwiGLU inner width
+    vocab_size: int | None = None  # None = the tokenizer's vocab rounded up to vocab_multiple
+    vocab_multiple: int = 128  # embedding rows are padded to a multiple of this (TP-independent)
+    seq_len: int = 256  # training context; must equal the data shards' sequence length
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    linear: Literal["dense"] = "dense"  # linear-layer implementation picked by the layer spec
+    init_std: float = 0.02  # output projections use init_std / sqrt(2 * n_blocks)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim d_model/n_heads={self.head_dim} must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
+        for name in ("d_model", "n_heads", "ffn_hidden", "seq_len", "vocab_multiple"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if not self.structure:
+            raise ValueError("structure is empty: give one character per block, e.g. 'TTTT'")
+        return self
+
+
+class ParallelConfig(Section):
+    tensor: int = 1  # tensor-parallel size (megatron-core TP linears)
+    pipeline: int = 1  # pipeline-parallel size (only 1 until the pipeline engine lands)
+    zero_stage: Literal[0, 1, 2, 3] = 1  # DeepSpeed ZeRO stage over the data-parallel group
+
+    @field_validator("tensor", "pipeline")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+
+class DataConfig(Section):
+    path: str = "data/stdlib"  # a folder written by `python -m pretrain prepare-data`
+    workers: int = 1  # DataLoader worker processes per rank (0 = read in the main process)
+
+
+class TrainingConfig(Section):
+    steps: int = 300
+    micro_batch_size: int = 8  # sequences per rank per micro-step
+    global_batch_size: int = 8  # sequences per optimizer step, all data-parallel ranks together
+    seed: int = 1234
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 100  # steps between validation passes (0 = never)
+    eval_batches: int = 4  # micro-batches per rank in one validation pass
+    log_every: int = 10  # steps between printed log lines
+    max_bad_steps: int = 5  # abort after this many consecutive non-finite losses
+
+    @model_validator(mode="after")
+    def _batch(self) -> "TrainingConfig":
+        if self.steps < 1 or self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise ValueError("steps, micro_batch_size and global_batch_size must be >= 1")
+        return self
+
+
+class OptimizerConfig(Section):
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # floor reached at the end of the cosine / WSD decay
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices only (not norms, not embeddings)
+
+
+class ScheduleConfig(Section):
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 20
+    # WSD (warmup-stable-decay): the last `decay_fraction` of the steps decay linearly to min_lr.
+    decay_fraction: float = 0.2
+
+    @field_validator("decay_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be within [0, 1]")
+        return v
+
+
+class CheckpointConfig(Section):
+    every: int = 100  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 2  # older checkpoints are deleted once a newer one is complete
+    # auto: continue from the latest complete checkpoint in the run folder if there is one;
+    # never: start fresh (refused if the run folder already holds checkpoints);
+    # any other string: a checkpoint folder (a step_* folder or a run's checkpoints folder).
+    resume: str = "auto"
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str | None = None  # None = sqlite:///<run dir>/mlflow.db (embedded, no server needed)
+    experiment: str = "frugal"
+
+
+class RunConfig(Section):
+    name: str = "tiny-llama"
+    dir: str = "runs/tiny-llama"  # checkpoints, metrics.jsonl, mlflow.db, resolved config
+    model: ModelConfig = ModelConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<config>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {where}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['a.b=1', 'c=x'] -> nested dict; values are parsed as YAML scalars (1 -> int, true -> bool)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse value: {e}") from None
+        node = tree
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return config_from_dict(_merge(data, parse_overrides(list(overrides))))
+
+
+# --------------------------------------------------------------------------- layout checks
+
+
+def check_layout(cfg: RunConfig, world_size: int) -> int:
+    """Validate the parallel layout against the world size before any process group exists.
+
+    Returns the data-parallel size.
+    """
+    p, m, t = cfg.parallel, cfg.model, cfg.training
+    if p.pipeline != 1:
+        raise ConfigError("parallel.pipeline: pipeline parallelism is not available yet (use 1)")
+    if world_size % (p.tensor * p.pipeline):
+        raise ConfigError(
+            f"parallel.tensor={p.tensor} x parallel.pipeline={p.pipeline} does not divide the "
+            f"world size {world_size}"
+        )
+    if m.n_heads % p.tensor:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by parallel.tensor={p.tensor}")
+    if m.kv_heads % p.tensor:
+        raise ConfigError(
+            f"model.n_kv_heads={m.kv_heads} is not divisible by parallel.tensor={p.tensor}"
+        )
+    if m.ffn_hidden % p.tensor:
+        raise ConfigError(f"model.ffn_hidden={m.ffn_hidden} is not divisible by parallel.tensor={p.tensor}")
+    dp = world_size // (p.tensor * p.pipeline)
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"training.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}"
+        )
+    if m.vocab_size is not None and m.vocab_size % p.tensor:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tensor={p.tensor}")
+    return dp
+
+
+def padded_vocab(tokenizer_vocab: int, multiple: int) -> int:
+    return int(math.ceil(tokenizer_vocab / multiple) * multiple)

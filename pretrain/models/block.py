@@ -1,0 +1,29 @@
+"""The LLaMA block ('T' in a structure string): pre-RMSNorm attention and SwiGLU, both residual."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch.nn as nn
+
+from pretrain.models.attention import Attention
+from pretrain.models.layers import RMSNorm
+from pretrain.models.mlp import SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg, spec, *, layer_id: int, n_blocks: int):
+        super().__init__()
+        self.layer_id = layer_id  # index into the generation caches
+        out_std = cfg.init_std / math.sqrt(2 * n_blocks)  # residual-branch outputs scaled (GPT-2)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, spec=spec, init_std=cfg.init_std,
+                              out_std=out_std)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden, spec=spec, init_std=cfg.init_std, out_std=out_std)
+
+    def forward(self, p):
+        cache = p.caches[self.layer_id] if p.caches is not None else None
+        h = p.hidden + self.attn(self.attn_norm(p.hidden), p.rope, cache)
+        h = h + self.mlp(self.mlp_norm(h))
+        return replace(p, hidden=h)

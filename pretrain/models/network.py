@@ -1,0 +1,114 @@
+"""The network as a flat sequence of layers passing one Payload along.
+
+    tokens -> Embedding -> block ... block -> FinalNorm -> Head -> vocab-sharded logits
+
+A flat list (not nested modules calling each other) is what a pipeline engine cuts into stages,
+and one payload object is what crosses a stage boundary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+
+from pretrain.models.layers import RMSNorm, Rotary
+from pretrain.models.spec import layer_spec
+from pretrain.models.structure import BLOCKS, parse_structure
+
+
+@dataclass
+class Payload:
+    hidden: torch.Tensor  # token ids [b, s] before the embedding; residual stream [b, s, d] after
+    positions: torch.Tensor  # [b, s] original token positions (RoPE)
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) for `positions`
+    caches: list | None = None  # per-block KV caches during generation
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg, spec):
+        super().__init__()
+        self.tok = spec.embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+
+    def forward(self, p: Payload) -> Payload:
+        # RoPE tables are computed once here and shared by every block
+        return replace(p, hidden=self.tok(p.hidden), rope=self.rotary(p.positions))
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, p: Payload) -> Payload:
+        return replace(p, hidden=self.norm(p.hidden))
+
+
+class Head(nn.Module):
+    """Output projection to vocab-sharded logits; optionally tied to the embedding matrix."""
+
+    def __init__(self, cfg, spec, tied: Embedding | None):
+        super().__init__()
+        self.proj = spec.column(cfg.d_model, cfg.vocab_size, init_std=cfg.init_std, skip_weight=tied is not None)
+        self._tied = [tied] if tied is not None else None  # a list: not registered twice as a submodule
+
+    def forward(self, p: Payload) -> Payload:
+        weight = self._tied[0].tok.weight if self._tied else None
+        return replace(p, hidden=self.proj(p.hidden, weight=weight))
+
+
+def build_layers(cfg) -> list[nn.Module]:
+    spec = layer_spec(cfg.linear)
+    chars = parse_structure(cfg.structure)
+    emb = Embedding(cfg, spec)
+    blocks = [BLOCKS[c](cfg, spec, layer_id=i, n_blocks=len(chars)) for i, c in enumerate(chars)]
+    return [emb, *blocks, FinalNorm(cfg), Head(cfg, spec, emb if cfg.tie_embeddings else None)]
+
+
+class Network(nn.Module):
+    """Runs the flat layer list. `forward(tokens)` -> vocab-sharded logits; with targets -> mean loss."""
+
+    def __init__(self, cfg, layers: list[nn.Module]):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                caches: list | None = None, start_pos: int = 0) -> torch.Tensor:
+        b, s = tokens.shape
+        positions = torch.arange(start_pos, start_pos + s, device=tokens.device).expand(b, s)
+        p = Payload(hidden=tokens, positions=positions, caches=caches)
+        for layer in self.layers:
+            p = layer(p)
+        if targets is None:
+            return p.hidden
+        from parallel.tensor_parallel import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(p.hidden, targets).mean()
+
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs: `parameter` is used outside its owning module, within `module`
+        (the tied head uses the embedding matrix). ZeRO-3 keeps it gathered for all of `module`;
+        the whole network, as DeepSpeed's own example does for a weight shared by two children."""
+        return [(self, m._tied[0].tok.weight) for m in self.layers if isinstance(m, Head) and m._tied]
+
+    def blocks(self) -> list[nn.Module]:
+        return [m for m in self.layers if getattr(m, "layer_id", None) is not None]
+
+
+def build_network(cfg) -> Network:
+    """cfg: ModelConfig with vocab_size resolved. Needs parallel_state initialized."""
+    return Network(cfg, build_layers(cfg))
+
+
+def count_parameters(model: nn.Module, cfg) -> dict[str, int]:
+    """Logical (all TP shards together) parameter counts: total and non-embedding."""
+    from parallel.tensor_parallel import tp_size
+
+    total = 0
+    for p in model.parameters():
+        sharded = getattr(p, "tensor_model_parallel", False)
+        total += p.numel() * (tp_size() if sharded else 1)
+    emb = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    return {"params_total": total, "params_non_embedding": total - emb}

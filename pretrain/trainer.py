@@ -1,0 +1,272 @@
+"""The training loop: config -> data -> model -> DeepSpeed engine -> steps -> checkpoints/tracking.
+
+Order of work, chosen so that bad input fails before anything expensive or destructive happens:
+  1. validate the config against the world size, open the data, find the checkpoint to resume
+     and check it belongs to this model (no process group yet, nothing written);
+  2. process groups (torch.distributed + megatron-core parallel_state);
+  3. model (same seed on every rank: TP-independent init), optimizer, DeepSpeed engine;
+  4. load the checkpoint (weights, optimizer, LR schedule, data position, RNG, MLflow run id);
+  5. the loop: micro-batches -> one optimizer step; validation and checkpoints on schedule.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pretrain import checkpoint as ckpt
+from pretrain.config import RunConfig, check_layout, padded_vocab
+from pretrain.data import PackedDataset, TrainLoader, val_batches
+from pretrain.errors import ConfigError, FrugalError
+
+# Dense bf16 peak of the GPUs we report MFU against (datasheet, no sparsity).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def resolve_model(cfg: RunConfig, data: PackedDataset) -> RunConfig:
+    """Fill in what the data decides (vocab size) and check what must agree (sequence length)."""
+    m = cfg.model
+    if data.seq_len != m.seq_len:
+        raise ConfigError(f"model.seq_len={m.seq_len} but the shards in {cfg.data.path} hold sequences of "
+                          f"{data.seq_len} tokens; prepare the data with --seq-len {m.seq_len}")
+    if m.vocab_size is None:
+        return cfg.model_copy(update={"model": m.model_copy(update={"vocab_size": padded_vocab(
+            data.vocab_size, m.vocab_multiple)})})
+    if m.vocab_size < data.vocab_size:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                          f"{data.vocab_size} tokens")
+    return cfg
+
+
+def flops_per_token(cfg, n_non_embedding: int) -> float:
+    """Training FLOPs per token: 6·N (non-embedding matmuls) + 6·d·V (LM head) + 12·L·d·s (attention)."""
+    m = cfg.model
+    n_blocks = len(m.structure)
+    return 6 * n_non_embedding + 6 * m.d_model * m.vocab_size + 12 * n_blocks * m.d_model * m.seq_len
+
+
+def _peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def _memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        from parallel.distributed import world_size_from_env
+
+        # 1. everything that can be checked without process groups
+        self.dp_size = check_layout(cfg, world_size_from_env())
+        self.data = PackedDataset(cfg.data.path, "train")
+        self.val = PackedDataset(cfg.data.path, "val")
+        self.cfg = cfg = resolve_model(cfg, self.data)
+        self.run_dir = Path(cfg.dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_dir)
+        self.resume_meta = None
+        if self.resume_from is not None:
+            self.resume_meta = ckpt.read_meta(self.resume_from)
+            parallel = {**cfg.parallel.model_dump(), "dp_size": self.dp_size}
+            ckpt.check_compatible(self.resume_meta, cfg.model.model_dump(mode="json"), parallel, self.resume_from)
+        self.grad_accum = cfg.training.global_batch_size // (cfg.training.micro_batch_size * self.dp_size)
+
+        # 2. process groups
+        from parallel.distributed import init_distributed
+
+        self.layout = init_distributed(cfg.parallel.tensor)
+        self.device = self.layout.device
+        self.bf16 = cfg.training.dtype == "bf16" or (cfg.training.dtype == "auto" and torch.cuda.is_available())
+
+        # 3. model + engine. Same seed everywhere: megatron-core's CPU init then gives one logical
+        # model whatever the TP size (each rank keeps its slice of the same master weights).
+        from parallel import zero
+        from pretrain.models import build_network
+        from pretrain.models.network import count_parameters
+        from pretrain.optim import build_optimizer, build_scheduler
+
+        torch.manual_seed(cfg.training.seed)
+        model = build_network(cfg.model).to(self.device)
+        self.params = count_parameters(model, cfg.model)
+        optimizer = build_optimizer(model, cfg.optimizer, fused=self.device.type == "cuda")
+        scheduler = build_scheduler(optimizer, cfg)
+        ds_config = zero.engine_config(micro_batch=cfg.training.micro_batch_size, grad_accum=self.grad_accum,
+                                       zero_stage=cfg.parallel.zero_stage, bf16=self.bf16,
+                                       grad_clip=cfg.training.grad_clip)
+        ds_config["managed_gradient_accumulation"] = False  # we call step() once per global batch
+        self.engine = zero.initialize(model, optimizer, scheduler, ds_config)
+        self.loader = TrainLoader(self.data, dp_rank=self.layout.dp_rank, dp_size=self.dp_size,
+                                  micro_batch=cfg.training.micro_batch_size, num_workers=cfg.data.workers,
+                                  seed=cfg.training.seed)
+        self._dp_group = self._megatron_dp_group()
+        self.step = 0
+        self.skipped_steps = 0
+        self.run_id = None
+        if self.resume_from is not None:
+            meta = ckpt.load(self.engine, self.resume_from, rank=self.layout.rank)
+            self.step = meta["step"]
+            self.skipped_steps = meta.get("skipped_steps", 0)
+            self.loader.load_state_dict(meta["data"])
+            self.run_id = meta.get("mlflow_run_id")
+        self.batches = iter(self.loader)  # micro-batches [mb, seq_len + 1]; tests may substitute their own
+
+        from pretrain.progress import Progress
+        from pretrain.tracking import Tracker
+
+        self.tracker = Tracker(self.run_dir, tracking_uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
+                               run_name=cfg.name, enabled=cfg.tracking.enabled, is_rank0=self.layout.is_rank0,
+                               resume_run_id=self.run_id)
+        self.progress = Progress(cfg.training.steps, self.step, enabled=self.layout.is_rank0,
+                                 log_every=cfg.training.log_every)
+        self.flops_per_token = flops_per_token(cfg, self.params["params_non_embedding"])
+        self.peak_flops = _peak_flops()
+        if self.layout.is_rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            if self.resume_from is None:
+                from pretrain.tracking import flatten
+
+                self.tracker.log_params({**flatten(cfg.model_dump(mode="json")), **self.params,
+                                         "layout.world_size": self.layout.world_size, "layout.dp": self.dp_size,
+                                         "layout.tp": self.layout.tp_size, "layout.grad_accum": self.grad_accum})
+                self.tracker.log_text(cfg.to_yaml(), "config.yaml")
+            where = f"resumed from {self.resume_from} at step {self.step}" if self.resume_from else "fresh start"
+            self.progress.log(
+                f"frugal: {self.params['params_total'] / 1e6:.2f}M params ({self.params['params_non_embedding'] / 1e6:.2f}M "
+                f"non-embedding) | world {self.layout.world_size} = tp {self.layout.tp_size} x dp {self.dp_size} | "
+                f"zero {cfg.parallel.zero_stage} | {'bf16' if self.bf16 else 'fp32'} on {self.device} | "
+                f"grad accum {self.grad_accum} | {where}")
+
+    @staticmethod
+    def _megatron_dp_group():
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_group()
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def _micro_batches(self):
+        for _ in range(self.grad_accum):
+            batch = next(self.batches).to(self.device, non_blocking=True)
+            yield batch[:, :-1], batch[:, 1:]
+
+    def train_step(self) -> dict[str, float]:
+        """Forward/backward over grad_accum micro-batches, then one optimizer update.
+
+        A non-finite loss on any rank skips the whole step (weights, optimizer state untouched;
+        the step's data counts as consumed) and is counted; too many in a row abort the run."""
+        from parallel import zero
+        from parallel.distributed import all_ranks_true
+
+        engine = self.engine
+        losses = []
+        finite = True
+        for inputs, targets in self._micro_batches():
+            if not finite:
+                continue  # still consume the step's data so the data position stays exact
+            loss = engine(inputs, targets)
+            finite = all_ranks_true(bool(torch.isfinite(loss.detach()).item()))
+            if finite:
+                engine.backward(loss)
+                losses.append(loss.detach())
+        if not finite:
+            zero.discard_gradients(engine)
+            engine.lr_scheduler.step()  # the schedule follows the step counter, applied or not
+            return {"skipped": 1.0}
+        engine.step()
+        loss = torch.stack(losses).mean()
+        dist.all_reduce(loss, group=self._dp_group)
+        grad_norm = engine.get_global_grad_norm()
+        out = {"loss": loss.item() / self.dp_size, "lr": engine.lr_scheduler.get_last_lr()[0]}
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.engine.eval()
+        total = torch.zeros(2, device=self.device)
+        for batch in val_batches(self.val, dp_rank=self.layout.dp_rank, dp_size=self.dp_size,
+                                 micro_batch=self.cfg.training.micro_batch_size,
+                                 max_batches=self.cfg.training.eval_batches):
+            batch = batch.to(self.device)
+            total += torch.stack([self.engine(batch[:, :-1], batch[:, 1:]).float(), torch.ones((), device=self.device)])
+        dist.all_reduce(total, group=self._dp_group)
+        self.engine.train()
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def save(self) -> Path:
+        meta = {"step": self.step, "skipped_steps": self.skipped_steps, "data": self.loader.state_dict(),
+                "mlflow_run_id": self.tracker.run_id, "dp_size": self.dp_size,
+                "samples_consumed": self.loader.samples_consumed_total,
+                "config": self.cfg.model_dump(mode="json")}
+        return ckpt.save(self.engine, self.ckpt_dir, self.step, meta, rank=self.layout.rank,
+                         keep_last=self.cfg.checkpoint.keep_last, extra_files=[self.data.tokenizer_path])
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.training
+        tokens_per_step = t.global_batch_size * cfg.model.seq_len
+        bad_in_row = 0
+        history: list[dict[str, float]] = []
+        status = "FAILED"
+        try:
+            while self.step < t.steps:
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                self.step += 1
+                if "skipped" in metrics:
+                    self.skipped_steps += 1
+                    bad_in_row += 1
+                    self.progress.log(f"step {self.step}: non-finite loss, step skipped "
+                                      f"({bad_in_row} in a row, {self.skipped_steps} in total)")
+                    if bad_in_row >= t.max_bad_steps:
+                        raise FrugalError(
+                            f"training diverged: {bad_in_row} consecutive steps with a non-finite loss "
+                            f"(training.max_bad_steps={t.max_bad_steps}); last good checkpoint: "
+                            f"{ckpt.read_latest(self.ckpt_dir)}. Lower optimizer.lr or check the data.")
+                    self.tracker.log_metrics({"skipped_steps": self.skipped_steps}, step=self.step)
+                    continue
+                bad_in_row = 0
+                dt = time.perf_counter() - t0
+                metrics["tokens_per_sec"] = tokens_per_step / dt
+                metrics["step_time_s"] = dt
+                metrics["mem_gib"] = _memory_gib()
+                metrics["skipped_steps"] = self.skipped_steps
+                metrics["samples_consumed"] = self.loader.samples_consumed_total
+                if self.peak_flops:
+                    metrics["mfu"] = metrics["tokens_per_sec"] * self.flops_per_token / (
+                        self.peak_flops * self.layout.world_size)
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
+                    metrics["val_loss"] = self.evaluate()
+                history.append({"step": self.step, **metrics})
+                self.tracker.log_metrics(metrics, step=self.step)
+                self.progress.update(self.step, metrics)
+                every = cfg.checkpoint.every
+                if self.step == t.steps or (every and self.step % every == 0):
+                    self.save()
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.progress.close()
+            self.tracker.close(status)
+        return {"history": history, "run_id": self.tracker.run_id, "checkpoint": ckpt.read_latest(self.ckpt_dir),
+                "ui": self.tracker.ui_command()}
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    return Trainer(cfg).fit()
