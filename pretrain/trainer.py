@@ -64,6 +64,7 @@ def _memory_gib() -> float:
 
 
 class Trainer:
+    SHOWN = ("loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "mem_gib", "val_loss")  # on the console
     def __init__(self, cfg: RunConfig):
         from parallel.distributed import world_size_from_env
 
@@ -253,7 +254,7 @@ class Trainer:
                     metrics["val_loss"] = self.evaluate()
                 history.append({"step": self.step, **metrics})
                 self.tracker.log_metrics(metrics, step=self.step)
-                self.progress.update(self.step, metrics)
+                self.progress.update(self.step, {k: v for k, v in metrics.items() if k in self.SHOWN})
                 every = cfg.checkpoint.every
                 if self.step == t.steps or (every and self.step % every == 0):
                     self.save()
