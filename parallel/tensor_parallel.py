@@ -37,7 +37,7 @@ class ColumnLinear(mtp.ColumnParallelLinear):
                  skip_weight=False):
         super().__init__(in_features, out_features, config=megatron_config(), init_method=_normal(init_std),
                          bias=False, gather_output=gather_output, skip_bias_add=True,
-                         skip_weight_param_allocation=skip_weight)
+                         skip_weight_param_allocation=skip_weight, tp_group=ps.get_tensor_model_parallel_group())
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(x, weight=weight)[0]
@@ -48,7 +48,8 @@ class RowLinear(mtp.RowParallelLinear):
 
     def __init__(self, in_features: int, out_features: int, *, init_std: float):
         super().__init__(in_features, out_features, config=megatron_config(), init_method=_normal(init_std),
-                         bias=False, input_is_parallel=True, skip_bias_add=True)
+                         bias=False, input_is_parallel=True, skip_bias_add=True,
+                         tp_group=ps.get_tensor_model_parallel_group())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)[0]
@@ -56,7 +57,8 @@ class RowLinear(mtp.RowParallelLinear):
 
 class VocabEmbedding(mtp.VocabParallelEmbedding):
     def __init__(self, vocab_size: int, dim: int, *, init_std: float):
-        super().__init__(vocab_size, dim, init_method=_normal(init_std), config=megatron_config())
+        super().__init__(vocab_size, dim, init_method=_normal(init_std), config=megatron_config(),
+                         tp_group=ps.get_tensor_model_parallel_group())
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,7 @@ class Trainer:
                                resume_run_id=self.run_id)
         self.progress = Progress(cfg.training.steps, self.step, enabled=self.layout.is_rank0,
                                  log_every=cfg.training.log_every)
+        self.eval_enabled = bool(cfg.training.eval_every) and self.val.num_samples >= self.dp_size
         self.flops_per_token = flops_per_token(cfg, self.params["params_non_embedding"])
         self.peak_flops = _peak_flops()
         if self.layout.is_rank0:
@@ -142,6 +143,9 @@ class Trainer:
                                          "layout.world_size": self.layout.world_size, "layout.dp": self.dp_size,
                                          "layout.tp": self.layout.tp_size, "layout.grad_accum": self.grad_accum})
                 self.tracker.log_text(cfg.to_yaml(), "config.yaml")
+            if cfg.training.eval_every and not self.eval_enabled:
+                self.progress.log(f"warning: the val split of {cfg.data.path} holds {self.val.num_samples} "
+                                  f"sequences, fewer than the {self.dp_size} data-parallel ranks; validation is off")
             where = f"resumed from {self.resume_from} at step {self.step}" if self.resume_from else "fresh start"
             self.progress.log(
                 f"frugal: {self.params['params_total'] / 1e6:.2f}M params ({self.params['params_non_embedding'] / 1e6:.2f}M "
@@ -195,17 +199,20 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
+        """Mean validation loss over the first val sequences (the same ones every time)."""
         self.engine.eval()
-        total = torch.zeros(2, device=self.device)
+        total = torch.zeros(2, device=self.device)  # (sum of per-sequence mean losses, sequences)
         for batch in val_batches(self.val, dp_rank=self.layout.dp_rank, dp_size=self.dp_size,
                                  micro_batch=self.cfg.training.micro_batch_size,
                                  max_batches=self.cfg.training.eval_batches):
             batch = batch.to(self.device)
-            total += torch.stack([self.engine(batch[:, :-1], batch[:, 1:]).float(), torch.ones((), device=self.device)])
+            n = batch.shape[0]
+            total += torch.stack([self.engine(batch[:, :-1], batch[:, 1:]).float() * n,
+                                  torch.tensor(float(n), device=self.device)])
         dist.all_reduce(total, group=self._dp_group)
         self.engine.train()
-        return (total[0] / total[1].clamp(min=1)).item()
+        return (total[0] / total[1]).item() if total[1] > 0 else None
 
     def save(self) -> Path:
         meta = {"step": self.step, "skipped_steps": self.skipped_steps, "data": self.loader.state_dict(),
@@ -250,7 +257,7 @@ class Trainer:
                 if self.peak_flops:
                     metrics["mfu"] = metrics["tokens_per_sec"] * self.flops_per_token / (
                         self.peak_flops * self.layout.world_size)
-                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
+                if self.eval_enabled and (self.step % t.eval_every == 0 or self.step == t.steps):
                     metrics["val_loss"] = self.evaluate()
                 history.append({"step": self.step, **metrics})
                 self.tracker.log_metrics(metrics, step=self.step)

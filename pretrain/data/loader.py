@@ -250,14 +250,21 @@ def val_batches(dataset: PackedDataset, *, dp_rank: int, dp_size: int, micro_bat
                 max_batches: int | None) -> Iterator[torch.Tensor]:
     """The first samples of `dataset` (the val split), the same every call.
 
-    Each rank gets a contiguous, equal share, min(max_batches, what the split holds) micro-batches,
-    so all ranks run the same number of eval steps.
+    Each rank gets a contiguous, equal share of min(max_batches * micro_batch, N // dp_size)
+    samples, in micro-batches (the last one may be smaller), so all ranks run the same number of
+    eval steps even when the split is smaller than one micro-batch per rank.
     """
-    per_rank = dataset.num_samples // (dp_size * micro_batch)
+    per_rank = dataset.num_samples // dp_size
     if max_batches is not None:
-        per_rank = min(per_rank, max_batches)
+        per_rank = min(per_rank, max_batches * micro_batch)
     segments = [(i, 0, n) for i, (_, n) in enumerate(dataset.shards)]
-    lo = dp_rank * per_rank * micro_batch
-    stream = _RankStream(dataset, [(0, 0, _slice(segments, lo, lo + per_rank * micro_batch))], micro_batch)
-    for _, _, batch in stream:
-        yield batch
+    lo = dp_rank * per_rank
+    batch: list[np.ndarray] = []
+    for shard, start, end in _slice(segments, lo, lo + per_rank):
+        for sample in dataset.read_segment(shard, start, end):
+            batch.append(sample)
+            if len(batch) == micro_batch:
+                yield torch.from_numpy(np.stack(batch).astype(np.int64))
+                batch = []
+    if batch:
+        yield torch.from_numpy(np.stack(batch).astype(np.int64))

@@ -169,4 +169,8 @@ def test_val_batches(prepared):
     assert all(torch.equal(a, b) for a, b in zip(ranks[1], val_batches(val, dp_rank=1, dp_size=2,
                                                                          micro_batch=2, max_batches=3)))
     everything = list(val_batches(val, dp_rank=0, dp_size=2, micro_batch=2, max_batches=None))
-    assert len(everything) == val.num_samples // 4
+    assert sum(len(b) for b in everything) == val.num_samples // 2
+    # a split smaller than one micro-batch per rank still gives every rank the same, partial batch
+    big = [list(val_batches(val, dp_rank=r, dp_size=2, micro_batch=val.num_samples, max_batches=4)) for r in range(2)]
+    assert [[len(b) for b in r] for r in big] == [[val.num_samples // 2]] * 2
+    assert [tuple(x) for r in big for b in r for x in b.tolist()] == first[:2 * (val.num_samples // 2)]
