@@ -6,9 +6,9 @@ from tests.helpers import TINY_CONFIG
 
 
 def test_yaml_and_dotted_overrides_are_typed():
-    cfg = load_config(TINY_CONFIG, ["model.d_model=64", "training.dtype=bf16", "optimizer.lr=1e-4",
+    cfg = load_config(TINY_CONFIG, ["model.d_model=96", "training.dtype=bf16", "optimizer.lr=1e-4",
                                     "model.tie_embeddings=false", "optimizer.betas=[0.9, 0.99]"])
-    assert cfg.model.d_model == 64 and isinstance(cfg.model.d_model, int)
+    assert cfg.model.d_model == 96 and isinstance(cfg.model.d_model, int)
     assert cfg.training.dtype == "bf16" and cfg.optimizer.lr == 1e-4
     assert cfg.model.tie_embeddings is False and cfg.optimizer.betas == (0.9, 0.99)
     assert cfg.model.structure == "TTTT"  # untouched keys keep the file's value

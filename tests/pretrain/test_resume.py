@@ -62,3 +62,10 @@ def test_resume_after_kill_is_bit_exact(tiny_data, tmp_path):
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
     assert steps == set(range(1, 2 * K + 1))
     assert "val_loss" in run.data.metrics and "tokens_per_sec" in run.data.metrics
+
+    # the checkpoint is self-contained for generation (tokenizer inside); greedy decoding is deterministic
+    outs = [cli("generate", "--checkpoint", str(run_dir), "--prompt", "def ", "--temperature", "0",
+                "--max-new-tokens", "8") for _ in range(2)]
+    assert outs[0].returncode == 0, outs[0].stdout[-2000:]
+    assert "--- sample 0 ---\ndef " in outs[0].stdout
+    assert outs[0].stdout.split("--- sample 0 ---")[1] == outs[1].stdout.split("--- sample 0 ---")[1]
