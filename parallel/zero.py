@@ -54,7 +54,7 @@ def engine_config(*, micro_batch: int, grad_accum: int, zero_stage: int, bf16: b
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},  # ZeRO-1/2 skip non-finite steps
         "zero_allow_untested_optimizer": True,  # torch AdamW as a client optimizer
         "steps_per_print": 2**62,  # our own logging
         "wall_clock_breakdown": False,
@@ -78,16 +78,18 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_sche
     return engine
 
 
-def discard_gradients(engine) -> None:
-    """Throw away this step's accumulated gradients without touching weights or optimizer state.
+def skip_step(engine) -> None:
+    """End a step whose gradients are non-finite without touching weights or optimizer state.
 
-    Used when a micro-batch of the step produced a non-finite loss: its backward was never run,
-    and the step's optimizer update is skipped as a whole."""
-    engine.optimizer.zero_grad(set_to_none=True)
-    opt = engine.optimizer
-    # ZeRO-1/2 keep reduced partition gradients in their own buffers
-    if hasattr(opt, "averaged_gradients"):
-        for k in list(opt.averaged_gradients.keys()):
-            opt.averaged_gradients[k] = None
-    if hasattr(opt, "_release_preflattened_grad_buffers"):
-        opt._release_preflattened_grad_buffers()
+    ZeRO-1/2 reduce gradients into partition buffers of their own: DeepSpeed's overflow path is
+    the one thing that reliably clears them, so `step()` runs, sees the non-finite gradient norm
+    and skips the update (`check_grad_overflow` is on for bf16, see `engine_config`). ZeRO-3 and
+    stage 0 have no such check for fp32/bf16, but their `zero_grad` resets the accumulation, so the
+    next backward starts from scratch.
+    """
+    if engine.zero_optimization_stage() in (1, 2):
+        engine.step()
+        if engine.was_step_applied():
+            raise RuntimeError("DeepSpeed applied a step with non-finite gradients")
+    else:
+        engine.optimizer.zero_grad(set_to_none=True)

@@ -169,31 +169,31 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """Forward/backward over grad_accum micro-batches, then one optimizer update.
 
-        A non-finite loss on any rank skips the whole step (weights, optimizer state untouched;
-        the step's data counts as consumed) and is counted; too many in a row abort the run."""
+        A non-finite loss on any rank skips the whole step: weights and optimizer state stay
+        untouched, the step's data counts as consumed, the step is counted, and too many in a row
+        abort the run. Deciding once per step costs one host sync per step (the loss is read for
+        logging anyway)."""
         from parallel import zero
-        from parallel.distributed import all_ranks_true
 
         engine = self.engine
         losses = []
-        finite = True
         for inputs, targets in self._micro_batches():
-            if not finite:
-                continue  # still consume the step's data so the data position stays exact
             loss = engine(inputs, targets)
-            finite = all_ranks_true(bool(torch.isfinite(loss.detach()).item()))
-            if finite:
-                engine.backward(loss)
-                losses.append(loss.detach())
-        if not finite:
-            zero.discard_gradients(engine)
+            engine.backward(loss)  # a non-finite loss poisons the gradients: the step is dropped below
+            losses.append(loss.detach())
+        local = torch.stack(losses)
+        # Over the whole world: TP ranks hold replicas of their replica's loss, so sum / world is the
+        # mean over data-parallel replicas, and every rank takes the same decision.
+        stats = torch.stack([local.mean(), (~torch.isfinite(local)).sum().to(local.dtype)])
+        dist.all_reduce(stats)
+        loss, bad = stats[0].item() / self.layout.world_size, stats[1].item()
+        if bad:
+            zero.skip_step(engine)
             engine.lr_scheduler.step()  # the schedule follows the step counter, applied or not
             return {"skipped": 1.0}
         engine.step()
-        loss = torch.stack(losses).mean()
-        dist.all_reduce(loss, group=self._dp_group)
+        out = {"loss": loss, "lr": engine.lr_scheduler.get_last_lr()[0]}
         grad_norm = engine.get_global_grad_norm()
-        out = {"loss": loss.item() / self.dp_size, "lr": engine.lr_scheduler.get_last_lr()[0]}
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
         return out

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
-
 import torch.nn as nn
 
 from pretrain.models.attention import Attention
@@ -26,4 +24,4 @@ class TransformerBlock(nn.Module):
         cache = p.caches[self.layer_id] if p.caches is not None else None
         h = p.hidden + self.attn(self.attn_norm(p.hidden), p.rope, cache)
         h = h + self.mlp(self.mlp_norm(h))
-        return replace(p, hidden=h)
+        return p._replace(hidden=h)

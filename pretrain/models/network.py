@@ -7,7 +7,7 @@ and one payload object is what crosses a stage boundary.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -17,8 +17,10 @@ from pretrain.models.spec import layer_spec
 from pretrain.models.structure import BLOCKS, parse_structure
 
 
-@dataclass
-class Payload:
+class Payload(NamedTuple):
+    """What travels from layer to layer. A NamedTuple, because DeepSpeed (ZeRO-3 module hooks, the
+    pipeline engine) finds the tensors inside tuples, not inside arbitrary objects."""
+
     hidden: torch.Tensor  # token ids [b, s] before the embedding; residual stream [b, s, d] after
     positions: torch.Tensor  # [b, s] original token positions (RoPE)
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) for `positions`
@@ -33,7 +35,7 @@ class Embedding(nn.Module):
 
     def forward(self, p: Payload) -> Payload:
         # RoPE tables are computed once here and shared by every block
-        return replace(p, hidden=self.tok(p.hidden), rope=self.rotary(p.positions))
+        return p._replace(hidden=self.tok(p.hidden), rope=self.rotary(p.positions))
 
 
 class FinalNorm(nn.Module):
@@ -42,7 +44,7 @@ class FinalNorm(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def forward(self, p: Payload) -> Payload:
-        return replace(p, hidden=self.norm(p.hidden))
+        return p._replace(hidden=self.norm(p.hidden))
 
 
 class Head(nn.Module):
@@ -55,7 +57,7 @@ class Head(nn.Module):
 
     def forward(self, p: Payload) -> Payload:
         weight = self._tied[0].tok.weight if self._tied else None
-        return replace(p, hidden=self.proj(p.hidden, weight=weight))
+        return p._replace(hidden=self.proj(p.hidden, weight=weight))
 
 
 def build_layers(cfg) -> list[nn.Module]:
