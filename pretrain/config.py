@@ -20,10 +20,40 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SubsampleConfig(Section):
+    """SUBLLM's subsampled levels: `(` ... `)` in the structure string (docs/subllm.md)."""
+
+    keep_ratio: float = 0.64  # fraction of a level's input tokens kept (k = ceil(n * ratio))
+    keep_ratios: list[float] | None = None  # one per "(" in order of appearance; overrides keep_ratio
+    # bypass y = x + c * (x_up - x): per-channel c (init 0.5) is kept within [scale_min(step), 1],
+    # scale_min going linearly from scale_min_start to scale_min_end over scale_min_steps
+    scale_min_start: float = 0.9
+    scale_min_end: float = 0.2
+    scale_min_steps: int = 20000
+    # keep-ratio control (Zipformer's Balancer): positive-score fraction within keep ratio ± tolerance,
+    # mean |score| within [score_abs_min, score_abs_max]
+    balancer_strength: float = 0.04
+    balancer_tolerance: float = 0.05
+    score_abs_min: float = 1.0
+    score_abs_max: float = 4.0
+
+    def ratio(self, level: int) -> float:
+        return self.keep_ratios[level] if self.keep_ratios is not None else self.keep_ratio
+
+    @model_validator(mode="after")
+    def _ratios(self) -> "SubsampleConfig":
+        for r in [self.keep_ratio, *(self.keep_ratios or [])]:
+            if not 0.0 < r <= 1.0:
+                raise ValueError(f"keep ratio {r} is outside (0, 1]")
+        if not 0.0 <= self.scale_min_end <= 1.0 or not 0.0 <= self.scale_min_start <= 1.0:
+            raise ValueError("scale_min_start and scale_min_end must be within [0, 1]")
+        return self
+
+
 class ModelConfig(Section):
-    arch: Literal["llama"] = "llama"  # model family; a checkpoint only loads into the same family
+    arch: Literal["llama", "subllm"] = "llama"  # model family; a checkpoint only loads into the same family
     # One character per block, over the block registry (pretrain/models/structure.py): "TTTT" is
-    # four LLaMA blocks. Architectures extend the alphabet (e.g. SUBLLM's "(" and ")").
+    # four LLaMA blocks; "(" / ")" open and close a subsampled level (SUBLLM).
     structure: str = "TTTT"
     d_model: int = 256
     n_heads: int = 4
@@ -37,6 +67,11 @@ class ModelConfig(Section):
     tie_embeddings: bool = False
     linear: Literal["dense"] = "dense"  # linear-layer implementation picked by the layer spec
     init_std: float = 0.02  # output projections use init_std / sqrt(2 * n_blocks)
+    subsample: SubsampleConfig = SubsampleConfig()
+
+    @property
+    def n_blocks(self) -> int:
+        return sum(1 for c in self.structure if c not in "()")
 
     @property
     def kv_heads(self) -> int:
@@ -57,8 +92,18 @@ class ModelConfig(Section):
         for name in ("d_model", "n_heads", "ffn_hidden", "seq_len", "vocab_multiple"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if not self.structure:
-            raise ValueError("structure is empty: give one character per block, e.g. 'TTTT'")
+        from pretrain.models.structure import count_levels, parse_structure
+
+        try:
+            parse_structure(self.structure)
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix("model.structure: ")) from None
+        levels = count_levels(self.structure)
+        if self.subsample.keep_ratios is not None and len(self.subsample.keep_ratios) != levels:
+            raise ValueError(f"subsample.keep_ratios has {len(self.subsample.keep_ratios)} entries, the "
+                             f"structure has {levels} levels")
+        if levels and self.arch != "subllm":
+            raise ValueError("a structure with subsampled levels '(...)' needs arch: subllm")
         return self
 
 

@@ -43,11 +43,30 @@ def resolve_model(cfg: RunConfig, data: PackedDataset) -> RunConfig:
     return cfg
 
 
-def flops_per_token(cfg, n_non_embedding: int) -> float:
-    """Training FLOPs per token: 6·N (non-embedding matmuls) + 6·d·V (LM head) + 12·L·d·s (attention)."""
+def flops_per_token(cfg) -> float:
+    """Training FLOPs per token of the input sequence, forward + backward:
+
+        Σ_blocks r · (6 · N_block + 12 · d · r · s)  +  6 · d · V
+
+    N_block: the block's matmul parameters; 12·d·s: attention scores and values over s tokens;
+    6·d·V: the LM head; r: the fraction of tokens a block sees (1, or the product of the keep
+    ratios of the SUBLLM levels around it: it runs on r·s tokens, each attending to r·s).
+    """
+    from pretrain.models.structure import parse_structure
+
     m = cfg.model
-    n_blocks = len(m.structure)
-    return 6 * n_non_embedding + 6 * m.d_model * m.vocab_size + 12 * n_blocks * m.d_model * m.seq_len
+    d, hd = m.d_model, m.head_dim
+    n_block = 2 * d * m.n_heads * hd + 2 * d * m.kv_heads * hd + 3 * d * m.ffn_hidden
+    total, ratios = 0.0, []
+    for item in parse_structure(m.structure):
+        if item.kind == "open":
+            ratios.append(m.subsample.ratio(item.index))
+        elif item.kind == "close":
+            ratios.pop()
+        else:
+            r = math.prod(ratios)
+            total += r * (6 * n_block + 12 * d * r * m.seq_len)
+    return total + 6 * d * m.vocab_size
 
 
 def _peak_flops() -> float | None:
@@ -131,7 +150,7 @@ class Trainer:
         self.progress = Progress(cfg.training.steps, self.step, enabled=self.layout.is_rank0,
                                  log_every=cfg.training.log_every)
         self.eval_enabled = bool(cfg.training.eval_every) and self.val.num_samples >= self.dp_size
-        self.flops_per_token = flops_per_token(cfg, self.params["params_non_embedding"])
+        self.flops_per_token = flops_per_token(cfg)
         self.peak_flops = _peak_flops()
         if self.layout.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -198,8 +217,16 @@ class Trainer:
             out["grad_norm"] = float(grad_norm)
         return out
 
+    def validation_metrics(self) -> dict[str, float]:
+        """val_loss; for SUBLLM also the inference rule's loss (keep iff score > 0) and the gap."""
+        out = {"val_loss": self.evaluate()}
+        if self.engine.module.subsampled:
+            out["val_loss_threshold"] = self.evaluate(threshold=True)
+            out["val_loss_threshold_gap"] = out["val_loss_threshold"] - out["val_loss"]
+        return out
+
     @torch.no_grad()
-    def evaluate(self) -> float | None:
+    def evaluate(self, threshold: bool = False) -> float | None:
         """Mean validation loss over the first val sequences (the same ones every time)."""
         self.engine.eval()
         total = torch.zeros(2, device=self.device)  # (sum of per-sequence mean losses, sequences)
@@ -208,7 +235,9 @@ class Trainer:
                                  max_batches=self.cfg.training.eval_batches):
             batch = batch.to(self.device)
             n = batch.shape[0]
-            total += torch.stack([self.engine(batch[:, :-1], batch[:, 1:]).float() * n,
+            loss = self.engine(batch[:, :-1], batch[:, 1:], threshold=threshold) if threshold else \
+                self.engine(batch[:, :-1], batch[:, 1:])
+            total += torch.stack([loss.float() * n,
                                   torch.tensor(float(n), device=self.device)])
         dist.all_reduce(total, group=self._dp_group)
         self.engine.train()
@@ -233,6 +262,7 @@ class Trainer:
         try:
             while self.step < t.steps:
                 t0 = time.perf_counter()
+                self.engine.module.set_step(self.step)  # step-scheduled layers (SUBLLM's bypass floor)
                 metrics = self.train_step()
                 self.step += 1
                 if "skipped" in metrics:
@@ -254,11 +284,12 @@ class Trainer:
                 metrics["mem_gib"] = _memory_gib()
                 metrics["skipped_steps"] = self.skipped_steps
                 metrics["samples_consumed"] = self.loader.samples_consumed_total
+                metrics.update({k: float(v) for k, v in self.engine.module.diagnostics().items()})
                 if self.peak_flops:
                     metrics["mfu"] = metrics["tokens_per_sec"] * self.flops_per_token / (
                         self.peak_flops * self.layout.world_size)
                 if self.eval_enabled and (self.step % t.eval_every == 0 or self.step == t.steps):
-                    metrics["val_loss"] = self.evaluate()
+                    metrics.update(self.validation_metrics())
                 history.append({"step": self.step, **metrics})
                 self.tracker.log_metrics(metrics, step=self.step)
                 self.progress.update(self.step, {k: v for k, v in metrics.items() if k in self.SHOWN})

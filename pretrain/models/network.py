@@ -15,6 +15,7 @@ import torch.nn as nn
 from pretrain.models.layers import RMSNorm, Rotary
 from pretrain.models.spec import layer_spec
 from pretrain.models.structure import BLOCKS, parse_structure
+from pretrain.models.subsample import Subsample, Upsample
 
 
 class Payload(NamedTuple):
@@ -25,6 +26,8 @@ class Payload(NamedTuple):
     positions: torch.Tensor  # [b, s] original token positions (RoPE)
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) for `positions`
     caches: list | None = None  # per-block KV caches during generation
+    levels: tuple = ()  # SUBLLM: a stack of subsample.Level, one per open "("
+    threshold: bool = False  # SUBLLM: keep tokens by score > 0 (inference) instead of top-k
 
 
 class Embedding(nn.Module):
@@ -61,11 +64,18 @@ class Head(nn.Module):
 
 
 def build_layers(cfg) -> list[nn.Module]:
+    """The flat layer list from the structure string: blocks, and Subsample/Upsample for brackets."""
     spec = layer_spec(cfg.linear)
-    chars = parse_structure(cfg.structure)
     emb = Embedding(cfg, spec)
-    blocks = [BLOCKS[c](cfg, spec, layer_id=i, n_blocks=len(chars)) for i, c in enumerate(chars)]
-    return [emb, *blocks, FinalNorm(cfg), Head(cfg, spec, emb if cfg.tie_embeddings else None)]
+    body = []
+    for item in parse_structure(cfg.structure):
+        if item.kind == "block":
+            body.append(BLOCKS[item.char](cfg, spec, layer_id=item.index, n_blocks=cfg.n_blocks))
+        elif item.kind == "open":
+            body.append(Subsample(cfg, level=item.index))
+        else:
+            body.append(Upsample(cfg, level=item.index))
+    return [emb, *body, FinalNorm(cfg), Head(cfg, spec, emb if cfg.tie_embeddings else None)]
 
 
 class Network(nn.Module):
@@ -77,10 +87,15 @@ class Network(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
-                caches: list | None = None, start_pos: int = 0) -> torch.Tensor:
+                caches: list | None = None, start_pos: int = 0, threshold: bool = False) -> torch.Tensor:
+        """threshold=True: SUBLLM's inference rule (keep iff score > 0), one sequence at a time."""
+        if threshold and tokens.shape[0] > 1 and self.subsampled:
+            rows = [self(t[None], None if targets is None else targets[i:i + 1], caches=caches,
+                         start_pos=start_pos, threshold=True) for i, t in enumerate(tokens)]
+            return torch.stack(rows).mean() if targets is not None else torch.cat(rows)
         b, s = tokens.shape
         positions = torch.arange(start_pos, start_pos + s, device=tokens.device).expand(b, s)
-        p = Payload(hidden=tokens, positions=positions, caches=caches)
+        p = Payload(hidden=tokens, positions=positions, caches=caches, threshold=threshold)
         for layer in self.layers:
             p = layer(p)
         if targets is None:
@@ -88,6 +103,21 @@ class Network(nn.Module):
         from parallel.tensor_parallel import vocab_parallel_cross_entropy
 
         return vocab_parallel_cross_entropy(p.hidden, targets).mean()
+
+    @property
+    def subsampled(self) -> bool:
+        return any(isinstance(m, Subsample) for m in self.layers)
+
+    def set_step(self, step: int) -> None:
+        """Layers whose behaviour follows the training step (SUBLLM's bypass floor)."""
+        for m in self.layers:
+            if hasattr(m, "set_step"):
+                m.set_step(step)
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Per-step numbers worth logging (SUBLLM: fraction of positive scores per level)."""
+        return {f"positive_fraction/level{m.level}": m.positive_fraction for m in self.layers
+                if isinstance(m, Subsample)}
 
     def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
         """(module, parameter) pairs: `parameter` is used outside its owning module, within `module`

@@ -1,11 +1,15 @@
-"""Structure strings: one character per block, looked up in a registry of block types.
+"""Structure strings: the network's shape, one character per block.
 
-`TTTT` is four LLaMA blocks. Architectures register their own characters (SUBLLM adds the
-subsample/upsample brackets, HGRN-Bit its own block), so the trainer never changes when a new
-block type arrives.
+    TTTTT(TTTTT(TTTT)TTTTT)TTTTT
+
+Each letter is a block type from a registry (`T` = LLaMA block); architectures register their
+own letters, so the trainer never changes when a new block type arrives. `(` opens a
+subsampled level (SUBLLM: keep the most important tokens) and `)` closes it (upsample +
+bypass); levels nest to any depth and are numbered in order of their `(`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn as nn
@@ -14,28 +18,62 @@ from pretrain.errors import ConfigError
 
 # char -> factory(model_cfg, spec, *, layer_id, n_blocks) -> nn.Module taking and returning a Payload
 BLOCKS: dict[str, Callable[..., nn.Module]] = {}
+OPEN, CLOSE = "(", ")"
 
 
 def register_block(char: str):
     def deco(factory):
-        if len(char) != 1:
-            raise ValueError("a block type is one character")
+        if len(char) != 1 or char in (OPEN, CLOSE):
+            raise ValueError(f"a block type is one character other than brackets, got {char!r}")
         BLOCKS[char] = factory
         return factory
 
     return deco
 
 
-def parse_structure(structure: str) -> list[str]:
-    """Validate a structure string and return its block characters in order."""
+@dataclass(frozen=True)
+class Item:
+    kind: str  # "block" | "open" | "close"
+    char: str
+    index: int  # block: layer id (0..n_blocks-1); open/close: level id (order of its "(")
+    depth: int  # nesting depth this item runs at (0 = full sequence)
+
+
+def parse_structure(structure: str) -> list[Item]:
+    """Validate a structure string; blocks and level brackets in order."""
     if not structure:
         raise ConfigError("model.structure is empty: give one character per block, e.g. 'TTTT'")
+    items: list[Item] = []
+    open_levels: list[tuple[int, int, int]] = []  # (level id, position of its "(", blocks before it)
+    n_blocks = n_levels = 0
     for i, ch in enumerate(structure):
-        if ch not in BLOCKS:
+        if ch == OPEN:
+            items.append(Item("open", ch, n_levels, len(open_levels)))
+            open_levels.append((n_levels, i, n_blocks))
+            n_levels += 1
+        elif ch == CLOSE:
+            if not open_levels:
+                raise ConfigError(f"model.structure: ')' at position {i} closes no level")
+            level, start, blocks_before = open_levels.pop()
+            if n_blocks == blocks_before:
+                raise ConfigError(f"model.structure: the level opened at position {start} holds no block")
+            items.append(Item("close", ch, level, len(open_levels)))
+        elif ch in BLOCKS:
+            items.append(Item("block", ch, n_blocks, len(open_levels)))
+            n_blocks += 1
+        else:
             known = ", ".join(repr(k) for k in sorted(BLOCKS))
             raise ConfigError(f"model.structure: unknown block type {ch!r} at position {i} "
-                              f"(known: {known})")
-    return list(structure)
+                              f"(known: {known}, and '(' / ')' for subsampled levels)")
+    if open_levels:
+        raise ConfigError(f"model.structure: the level opened at position {open_levels[-1][1]} is never closed")
+    if n_blocks == 0:
+        raise ConfigError("model.structure holds no block")
+    return items
+
+
+def count_levels(structure: str) -> int:
+    return structure.count(OPEN)
 
 
 def _register_builtin() -> None:

@@ -62,5 +62,14 @@ def test_divergence_aborts_after_max_bad_steps(tiny_data, tmp_path):
 
 def test_flops_formula(tiny_data, tmp_path):
     tr = make_trainer(tiny_data, tmp_path / "run", 1)
-    m, n = tr.cfg.model, tr.params["params_non_embedding"]
-    assert flops_per_token(tr.cfg, n) == 6 * n + 6 * m.d_model * m.vocab_size + 12 * 2 * m.d_model * m.seq_len
+    m = tr.cfg.model
+    norms = sum(p.numel() for n, p in tr.engine.module.named_parameters() if "norm" in n)
+    matmul = tr.params["params_non_embedding"] - norms  # tied embeddings: the head is the embedding
+    assert flops_per_token(tr.cfg) == 6 * matmul + 6 * m.d_model * m.vocab_size + 12 * 2 * m.d_model * m.seq_len
+    # SUBLLM: blocks inside levels see r = product of keep ratios of the tokens, attending over r·s
+    sub = tr.cfg.model.model_copy(update={"arch": "subllm", "structure": "T(T(T)T)T"})
+    cfg = tr.cfg.model_copy(update={"model": sub})
+    per_block = matmul // 2
+    r1, r2 = 0.64, 0.64 * 0.64
+    expect = sum(r * (6 * per_block + 12 * m.d_model * r * m.seq_len) for r in (1, r1, r2, r1, 1))
+    assert flops_per_token(cfg) == pytest.approx(expect + 6 * m.d_model * m.vocab_size)

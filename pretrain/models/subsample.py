@@ -1,0 +1,122 @@
+"""SUBLLM's subsampled levels: `(` drops low-importance tokens, `)` brings the length back.
+
+Subsample (`(`), on the residual stream h [b, n, d] entering the level:
+    s = h · w_score                      learned importance, one scalar per token
+    training:  keep the top-k, k = ceil(n · ratio), kept indexes re-sorted ascending
+    inference: keep token t iff s_t > 0  (decided per token, so it is causal)
+    w = clamp(s_kept, 0, 1)
+Kept tokens keep their ORIGINAL positions (RoPE), so causal attention on the shorter sequence
+is causal in the original order. The pre-subsample state is saved on the payload's level stack.
+
+Upsample + bypass (`)`), with the saved x (length n) and the level's output x_sub (length k):
+    x_up = x;  x_up[kept] = w · x_sub + (1 − w) · x[kept]      (the scorer's gradient path)
+    y    = x + c ⊙ (x_up − x),   c per channel, init 0.5, kept within [scale_min(step), 1]
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from pretrain.models.balancer import balance
+
+
+class Level(NamedTuple):
+    """What a `(` saves for its `)`: the state before subsampling and which tokens were kept."""
+
+    hidden: torch.Tensor  # [b, n, d] residual stream entering the level
+    positions: torch.Tensor  # [b, n]
+    rope: tuple[torch.Tensor, torch.Tensor]  # (cos, sin) [b, 1, n, hd]
+    kept: torch.Tensor  # [b, k] int64 indexes into n, ascending
+    weight: torch.Tensor  # [b, k, 1] clamp(score, 0, 1)
+
+
+def _gather_tokens(x: torch.Tensor, idx: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """x[..., idx, ...] along `dim` with a per-row index [b, k]."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = idx.shape
+    index = idx.view(shape).expand(*[s if i != dim else idx.shape[1] for i, s in enumerate(x.shape)])
+    return x.gather(dim, index)
+
+
+class Subsample(nn.Module):
+    def __init__(self, cfg, *, level: int):
+        super().__init__()
+        self.level = level
+        self.ratio = cfg.subsample.ratio(level)
+        self.sub = cfg.subsample
+        # replicated on every tensor-parallel rank (a plain parameter): the input is replicated too
+        self.score = nn.Linear(cfg.d_model, 1, bias=False)
+        nn.init.normal_(self.score.weight, std=cfg.init_std)
+        self.register_buffer("positive_fraction", torch.zeros(()), persistent=False)  # for logging
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        return self.score(h).squeeze(-1).float()  # [b, n]
+
+    def forward(self, p):
+        h = p.hidden
+        s = self.scores(h)
+        self.positive_fraction = (s.detach() > 0).float().mean()
+        if p.threshold:
+            kept = select_positive(s)
+        else:
+            s = balance(s, target=self.ratio, tolerance=self.sub.balancer_tolerance, abs_min=self.sub.score_abs_min,
+                        abs_max=self.sub.score_abs_max, strength=self.sub.balancer_strength)
+            k = max(1, math.ceil(h.shape[1] * self.ratio))
+            kept = s.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        weight = s.gather(1, kept).clamp(0.0, 1.0).unsqueeze(-1).to(h.dtype)
+        cos, sin = p.rope
+        level = Level(h, p.positions, p.rope, kept, weight)
+        return p._replace(hidden=_gather_tokens(h, kept), positions=p.positions.gather(1, kept),
+                          rope=(_gather_tokens(cos, kept, 2), _gather_tokens(sin, kept, 2)),
+                          levels=(*p.levels, level))
+
+
+def select_positive(s: torch.Tensor) -> torch.Tensor:
+    """Inference rule: the indexes of positive scores, ascending. One row only: rows are ragged."""
+    if s.shape[0] != 1:
+        raise ValueError("threshold subsampling runs one sequence at a time (rows keep different counts)")
+    return (s[0] > 0).nonzero().view(1, -1)
+
+
+class _LimitToRange(torch.autograd.Function):
+    """clamp(c, lo, hi) in the forward pass; in the backward pass the gradient still reaches c where
+    it would move c back into range (a plain clamp would freeze c below the floor forever)."""
+
+    @staticmethod
+    def forward(ctx, c, lo, hi):
+        ctx.save_for_backward(c)
+        ctx.lo, ctx.hi = lo, hi
+        return c.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (c,) = ctx.saved_tensors
+        blocked = ((c < ctx.lo) & (grad > 0)) | ((c > ctx.hi) & (grad < 0))  # would push further out
+        return grad.masked_fill(blocked, 0.0), None, None
+
+
+class Upsample(nn.Module):
+    def __init__(self, cfg, *, level: int):
+        super().__init__()
+        self.level = level
+        self.sub = cfg.subsample
+        self.bypass = nn.Parameter(torch.full((cfg.d_model,), 0.5))  # c, replicated on TP ranks
+        self.scale_min = self.sub.scale_min_start
+
+    def set_step(self, step: int) -> None:
+        """The trainer's step drives the bypass floor: scale_min_start -> scale_min_end linearly."""
+        t = min(1.0, step / max(1, self.sub.scale_min_steps))
+        self.scale_min = self.sub.scale_min_start + t * (self.sub.scale_min_end - self.sub.scale_min_start)
+
+    def forward(self, p):
+        lvl: Level = p.levels[-1]
+        x = lvl.hidden
+        blended = lvl.weight * p.hidden + (1 - lvl.weight) * _gather_tokens(x, lvl.kept)
+        index = lvl.kept.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        x_up = x.scatter(1, index, blended)
+        c = _LimitToRange.apply(self.bypass, self.scale_min, 1.0).to(x.dtype)
+        y = x + c * (x_up - x)
+        return p._replace(hidden=y, positions=lvl.positions, rope=lvl.rope, levels=p.levels[:-1])
