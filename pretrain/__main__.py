@@ -2,7 +2,7 @@
 
     train          --config launch/configs/NAME.yaml [dotted.key=value ...]   (torchrun for N > 1)
     prepare-data   --input FILES/GLOBS --tokenizer train|PATH --seq-len N --out DIR
-    generate       --checkpoint DIR --prompt TEXT
+    generate       --checkpoint DIR --prompt TEXT [--prompt TEXT ...]
 
 User errors (config, data, checkpoint) print one clear message and exit with code 2; heavy
 libraries are imported only after the arguments are checked.
@@ -68,6 +68,10 @@ def cmd_generate(args) -> int:
     if gen.layout.is_rank0:
         for i, t in enumerate(texts):
             print(f"--- sample {i} ---\n{t}")
+        if gen.levels:  # SUBLLM: how many tokens the inference rule kept (train-time target: the keep ratio)
+            stats = gen.keep_stats()
+            print("kept per level (score > 0, prefill + decode): " +
+                  ", ".join(f"level {lvl} {frac:.3f}" for lvl, frac in stats.items()))
     return 0
 
 
@@ -96,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("--checkpoint", required=True, help="run dir, its checkpoints/ dir or a step_* dir")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, action="append",
+                   help="repeat for several prompts (of any lengths), decoded together")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=0.95)

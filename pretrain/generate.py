@@ -1,4 +1,9 @@
-"""Text generation with a KV cache: prefill the prompt once, then decode one token per forward.
+"""Text generation with KV caches: prefill each prompt once, then decode one token per forward.
+
+Prompts may differ in length: each is prefilled into its own cache row, then all rows decode
+together on ragged caches (each row attends to exactly its own tokens). A SUBLLM model runs its
+inference rule (keep a token iff its score > 0) throughout, and its inner blocks cache only the
+tokens kept at their level; `keep_stats()` reports the fraction kept per level.
 
 Runs on one process, or on `parallel.tensor` processes under torchrun (each rank holds its
 shard; logits are gathered, and every rank samples with the same seed so they agree).
@@ -75,59 +80,100 @@ class Generator:
         from pretrain.data import load_tokenizer
         from pretrain.models import build_network
 
-        self.layout = init_distributed(self.cfg.parallel.tensor)
-        self.tokenizer = load_tokenizer(path / "tokenizer.json")
+        layout = init_distributed(self.cfg.parallel.tensor)
         torch.manual_seed(0)
-        self.model = build_network(self.cfg.model)
-        state = _model_state(path, meta, self.layout.tp_rank)
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        model = build_network(self.cfg.model)
+        state = _model_state(path, meta, layout.tp_rank)
+        missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:4]}, "
                                   f"unexpected {unexpected[:4]})")
-        dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-        self.model.to(device=self.layout.device, dtype=dtype).eval()
-        self.dtype = dtype
         self.path = path
+        self._setup(model, layout, load_tokenizer(path / "tokenizer.json"), dtype)
+
+    @classmethod
+    def from_model(cls, model, *, tokenizer=None, dtype: torch.dtype | None = None) -> "Generator":
+        """Wrap a network built in this process (no checkpoint, no run config): tests, notebooks."""
+        from parallel.distributed import init_distributed
+        from parallel.tensor_parallel import tp_size
+
+        self = cls.__new__(cls)
+        self.cfg, self.path = None, None
+        self._setup(model, init_distributed(tp_size()), tokenizer, dtype)
+        return self
+
+    def _setup(self, model, layout, tokenizer, dtype: torch.dtype | None) -> None:
+        from pretrain.models.subsample import Subsample
+
+        self.layout, self.tokenizer = layout, tokenizer
+        self.dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        self.model = model.to(device=layout.device, dtype=self.dtype).eval()
+        self.levels = [m for m in model.layers if isinstance(m, Subsample)]
 
     def new_caches(self, batch: int, max_len: int) -> list:
         from pretrain.models.attention import KVCache
 
-        m = self.cfg.model
+        m = self.model.cfg
         kv_local = m.kv_heads // self.layout.tp_size
         return [KVCache(batch, kv_local, max_len, m.head_dim, dtype=self.dtype, device=self.layout.device)
                 for _ in self.model.blocks()]
 
     @torch.no_grad()
-    def logits(self, tokens: torch.Tensor, caches: list | None = None, start_pos: int = 0) -> torch.Tensor:
-        """Full-vocabulary fp32 logits [b, s, V] for `tokens` (continuing `caches` at start_pos)."""
+    def logits(self, tokens: torch.Tensor, caches: list | None = None, start_pos: int | torch.Tensor = 0,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-vocabulary fp32 logits [b, s, V] for `tokens` (continuing cache rows `rows` at start_pos).
+        Always SUBLLM's inference rule (keep iff score > 0); models without levels ignore it."""
         from parallel.tensor_parallel import gather_vocab
 
-        out = self.model(tokens.to(self.layout.device), caches=caches, start_pos=start_pos)
+        out = self.model(tokens.to(self.layout.device), caches=caches, start_pos=start_pos, rows=rows,
+                         threshold=True)
         return gather_vocab(out).float()
 
     @torch.no_grad()
-    def generate_ids(self, prompt: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
-        """prompt [b, n] (equal lengths) -> generated ids [b, max_new_tokens]."""
-        b, n = prompt.shape
-        total = n + s.max_new_tokens
-        if total > self.cfg.model.seq_len:
-            raise ConfigError(f"prompt ({n}) + max_new_tokens ({s.max_new_tokens}) exceeds the model's "
-                             f"context of {self.cfg.model.seq_len} tokens")
+    def generate_ids(self, prompts: torch.Tensor | list[list[int]], s: SamplingConfig) -> torch.Tensor:
+        """prompts: [b, n] ids, or b lists of ids of any lengths -> generated ids [b, max_new_tokens]."""
+        rows = [torch.as_tensor(p, dtype=torch.long).view(-1) for p in prompts]
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        if not rows or int(lengths.min()) == 0:
+            raise ConfigError("generation needs at least one prompt, and no empty prompt")
+        total = int(lengths.max()) + s.max_new_tokens
+        if total > self.model.cfg.seq_len:
+            raise ConfigError(f"prompt ({int(lengths.max())}) + max_new_tokens ({s.max_new_tokens}) exceeds the "
+                              f"model's context of {self.model.cfg.seq_len} tokens")
+        for m in self.levels:
+            m.seen = m.kept = 0
         gen = torch.Generator(device=self.layout.device).manual_seed(s.seed)
-        caches = self.new_caches(b, total)
-        logits = self.logits(prompt, caches)[:, -1]
+        caches = self.new_caches(len(rows), total)
+        if bool((lengths == lengths[0]).all()):  # one batched prefill (SUBLLM's forward splits it by row)
+            logits = self.logits(torch.stack(rows), caches)[:, -1]
+        else:  # each prompt alone into its own cache row
+            logits = torch.cat([self.logits(r[None], caches, rows=torch.tensor([i]))[:, -1]
+                                for i, r in enumerate(rows)])
         out = []
         for i in range(s.max_new_tokens):
             nxt = sample_next(logits, s, gen)
             out.append(nxt)
-            if i + 1 < s.max_new_tokens:
-                logits = self.logits(nxt[:, None], caches, start_pos=n + i)[:, -1]
+            if i + 1 < s.max_new_tokens:  # every row continues at its own position
+                logits = self.logits(nxt[:, None], caches, start_pos=lengths + i)[:, -1]
         return torch.stack(out, dim=1)
 
-    def generate(self, prompt: str, s: SamplingConfig, num_samples: int = 1) -> list[str]:
-        ids = self.tokenizer.encode(prompt).ids
-        if not ids:
-            raise ConfigError("the prompt is empty after tokenization")
-        prompt_ids = torch.tensor([ids] * num_samples, dtype=torch.long)
-        new = self.generate_ids(prompt_ids, s).tolist()
-        return [prompt + self.tokenizer.decode(row) for row in new]
+    def keep_counts(self) -> dict[int, tuple[int, int]]:
+        """SUBLLM, over the last generate call (prefill and decode): level -> (tokens entering it, kept)."""
+        return {m.level: (m.seen, m.kept) for m in self.levels}
+
+    def keep_stats(self) -> dict[int, float]:
+        """level -> fraction of the tokens entering it that it kept (of its input, not of the sequence:
+        the innermost level's share of all tokens is the product along the nesting)."""
+        return {lvl: kept / seen for lvl, (seen, kept) in self.keep_counts().items() if seen}
+
+    def generate(self, prompts: str | list[str], s: SamplingConfig, num_samples: int = 1) -> list[str]:
+        """Texts, prompt-major: num_samples continuations of each prompt."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids = []
+        for text in prompts:
+            enc = self.tokenizer.encode(text).ids
+            if not enc:
+                raise ConfigError(f"the prompt {text!r} is empty after tokenization")
+            ids += [enc] * num_samples
+        new = self.generate_ids(ids, s).tolist()
+        return [prompts[i // num_samples] + self.tokenizer.decode(row) for i, row in enumerate(new)]

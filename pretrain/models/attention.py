@@ -1,4 +1,4 @@
-"""Causal self-attention with GQA, RoPE and an optional KV cache, through PyTorch SDPA."""
+"""Causal self-attention with GQA, RoPE and an optional ragged KV cache, through PyTorch SDPA."""
 from __future__ import annotations
 
 import torch
@@ -9,21 +9,55 @@ from pretrain.models.layers import apply_rotary
 
 
 class KVCache:
-    """Keys/values of one attention layer for generation: [b, kv_heads_local, max_len, hd]."""
+    """Keys/values of one attention layer for generation: [b, kv_heads_local, max_len, hd].
+
+    Every cache row has its own length: prompts of different lengths share one batch, and SUBLLM's
+    subsampled levels store only the tokens each row kept there. The lengths and the `rows` that
+    an append applies to live on the host (CPU): they follow from shapes and from decisions the
+    host has already made, so reading them never waits on the device.
+    """
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, *, dtype, device):
         self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.length = 0
+        self.lengths = torch.zeros(batch, dtype=torch.long)  # tokens held per row (host)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write k/v [r, kvh, s, hd] at the end of cache rows `rows` (host LongTensor [r], distinct;
+        None = all rows in order). Returns those rows' keys and values up to the longest of them
+        [r, kvh, t, hd] and their lengths before the append [r] (host), from which the caller masks."""
         s = k.shape[2]
-        if self.length + s > self.k.shape[2]:
-            raise ValueError(f"KV cache overflow: {self.length + s} > {self.k.shape[2]} positions")
-        self.k[:, :, self.length:self.length + s] = k
-        self.v[:, :, self.length:self.length + s] = v
-        self.length += s
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+        old = (self.lengths if rows is None else self.lengths[rows]).clone()
+        new = old + s
+        if int(new.max()) > self.k.shape[2]:
+            raise ValueError(f"KV cache overflow: {int(new.max())} > {self.k.shape[2]} positions")
+        lo = int(old.min())
+        if rows is None and lo == int(old.max()):  # the plain batch of equal lengths: slice writes and views
+            self.k[:, :, lo:lo + s] = k
+            self.v[:, :, lo:lo + s] = v
+            self.lengths += s
+            return self.k[:, :, :lo + s], self.v[:, :, :lo + s], old
+        idx = (torch.arange(self.k.shape[0]) if rows is None else rows).to(self.k.device)
+        pos = (old[:, None] + torch.arange(s)).to(self.k.device)  # [r, s]: each row writes at its own end
+        # two index tensors split by a slice: the indexed view is [r, s, kvh, hd]
+        self.k[idx[:, None], :, pos] = k.transpose(1, 2)
+        self.v[idx[:, None], :, pos] = v.transpose(1, 2)
+        if rows is None:
+            self.lengths += s
+        else:
+            self.lengths[rows] = new
+        t = int(new.max())
+        if rows is None:
+            return self.k[:, :, :t], self.v[:, :, :t], old
+        return self.k[idx, :, :t], self.v[idx, :, :t], old
+
+
+def ragged_mask(past: torch.Tensor, s: int, t: int, device) -> torch.Tensor:
+    """[r, 1, s, t] bool: key j is visible to new token i of row r iff j < past[r] + i + 1. Keys past
+    a row's own end (left there by longer rows) are never visible, so no padding token is attended."""
+    limit = past.to(device)[:, None] + torch.arange(1, s + 1, device=device)  # [r, s]
+    return (torch.arange(t, device=device) < limit[:, :, None]).unsqueeze(1)
 
 
 class Attention(nn.Module):
@@ -40,25 +74,25 @@ class Attention(nn.Module):
         self.o = spec.row(n_heads * self.head_dim, d_model, init_std=out_std)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [b, s, d]; with a cache, x's batch rows are cache rows `rows` (None = all rows)."""
         b, s, _ = x.shape
         q = self.q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
 
-        past = 0
+        mask, causal = None, True
         if cache is not None:
-            past = cache.length
-            k, v = cache.append(k, v)
-        if past == 0:
-            mask, causal = None, True
-        elif s == 1:
-            mask, causal = None, False  # one new token attends to everything cached
-        else:  # a chunk after a prefix: token i sees cache + new tokens <= i
-            t = past + s
-            mask = torch.ones(s, t, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            causal = False
+            k, v, past = cache.append(k, v, rows)
+            first = int(past[0])
+            if not bool((past == first).all()):  # rows of different lengths: an explicit mask per row
+                mask, causal = ragged_mask(past, s, k.shape[2], x.device), False
+            elif first > 0 and s == 1:
+                causal = False  # one new token attends to everything cached
+            elif first > 0:  # a chunk after a prefix: token i sees cache + new tokens <= i
+                mask = torch.ones(s, first + s, dtype=torch.bool, device=x.device).tril(diagonal=first)
+                causal = False
         gqa = self.heads != self.kv_heads
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return self.o(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))

@@ -21,7 +21,9 @@ class TransformerBlock(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden, spec=spec, init_std=cfg.init_std, out_std=out_std)
 
     def forward(self, p):
+        if p.hidden.numel() == 0:  # inside a SUBLLM level that kept no token on this call: nothing to do
+            return p
         cache = p.caches[self.layer_id] if p.caches is not None else None
-        h = p.hidden + self.attn(self.attn_norm(p.hidden), p.rope, cache)
+        h = p.hidden + self.attn(self.attn_norm(p.hidden), p.rope, cache, p.rows)
         h = h + self.mlp(self.mlp_norm(h))
         return p._replace(hidden=h)

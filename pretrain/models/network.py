@@ -28,6 +28,7 @@ class Payload(NamedTuple):
     caches: list | None = None  # per-block KV caches during generation
     levels: tuple = ()  # SUBLLM: a stack of subsample.Level, one per open "("
     threshold: bool = False  # SUBLLM: keep tokens by score > 0 (inference) instead of top-k
+    rows: torch.Tensor | None = None  # host LongTensor [b]: the cache rows of hidden's rows (None = 0..b-1)
 
 
 class Embedding(nn.Module):
@@ -87,15 +88,32 @@ class Network(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
-                caches: list | None = None, start_pos: int = 0, threshold: bool = False) -> torch.Tensor:
-        """threshold=True: SUBLLM's inference rule (keep iff score > 0), one sequence at a time."""
-        if threshold and tokens.shape[0] > 1 and self.subsampled:
-            rows = [self(t[None], None if targets is None else targets[i:i + 1], caches=caches,
-                         start_pos=start_pos, threshold=True) for i, t in enumerate(tokens)]
-            return torch.stack(rows).mean() if targets is not None else torch.cat(rows)
+                caches: list | None = None, start_pos: int | torch.Tensor = 0, rows: torch.Tensor | None = None,
+                threshold: bool = False) -> torch.Tensor:
+        """threshold=True: SUBLLM's inference rule (keep iff score > 0).
+
+        Generation: `caches` (one KVCache per block), `rows` the cache rows of tokens' rows (host
+        LongTensor [b]; None = 0..b-1) and `start_pos` the position of tokens[:, 0], an int or one
+        per row (LongTensor [b]) when the rows' caches hold different lengths."""
         b, s = tokens.shape
-        positions = torch.arange(start_pos, start_pos + s, device=tokens.device).expand(b, s)
-        p = Payload(hidden=tokens, positions=positions, caches=caches, threshold=threshold)
+        if rows is not None:
+            rows = rows.cpu()
+        if threshold and b > 1 and s > 1 and self.subsampled:
+            # rows keep different numbers of tokens at each level, so a multi-token batch cannot stay
+            # rectangular: one row at a time (single-token decode batches stay together)
+            outs = []
+            for i in range(b):
+                sp = start_pos[i:i + 1] if isinstance(start_pos, torch.Tensor) else start_pos
+                outs.append(self(tokens[i:i + 1], None if targets is None else targets[i:i + 1], caches=caches,
+                                 start_pos=sp, rows=torch.tensor([i]) if rows is None else rows[i:i + 1],
+                                 threshold=True))
+            return torch.stack(outs).mean() if targets is not None else torch.cat(outs)
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos.to(tokens.device).view(-1, 1) + torch.arange(s, device=tokens.device)
+            positions = positions.expand(b, s)
+        else:
+            positions = torch.arange(start_pos, start_pos + s, device=tokens.device).expand(b, s)
+        p = Payload(hidden=tokens, positions=positions, caches=caches, rows=rows, threshold=threshold)
         for layer in self.layers:
             p = layer(p)
         if targets is None:

@@ -11,6 +11,12 @@ is causal in the original order. The pre-subsample state is saved on the payload
 Upsample + bypass (`)`), with the saved x (length n) and the level's output x_sub (length k):
     x_up = x;  x_up[kept] = w · x_sub + (1 − w) · x[kept]      (the scorer's gradient path)
     y    = x + c ⊙ (x_up − x),   c per channel, init 0.5, kept within [scale_min(step), 1]
+
+Inference (threshold) batches are ragged: rows keep different numbers of tokens. A batch stays
+rectangular when every row that keeps anything keeps the same count: a one-row chunk (prefill) or
+one new token per row (decode). Rows that keep nothing leave the level (their `rows` too, so the
+inner KV caches never see them); a level that keeps nothing at all passes an empty batch, which
+blocks skip. `)` returns exactly x for every dropped token and row, as the full forward does.
 """
 from __future__ import annotations
 
@@ -29,8 +35,10 @@ class Level(NamedTuple):
     hidden: torch.Tensor  # [b, n, d] residual stream entering the level
     positions: torch.Tensor  # [b, n]
     rope: tuple[torch.Tensor, torch.Tensor]  # (cos, sin) [b, 1, n, hd]
-    kept: torch.Tensor  # [b, k] int64 indexes into n, ascending
-    weight: torch.Tensor  # [b, k, 1] clamp(score, 0, 1)
+    kept: torch.Tensor  # [r, k] int64 indexes into n, ascending
+    weight: torch.Tensor  # [r, k, 1] clamp(score, 0, 1)
+    live: torch.Tensor | None = None  # [r] the batch rows that kept a token (threshold); None = all b
+    rows: torch.Tensor | None = None  # the payload's cache rows outside the level, restored by `)`
 
 
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -51,6 +59,8 @@ class Subsample(nn.Module):
         self.score = nn.Linear(cfg.d_model, 1, bias=False)
         nn.init.normal_(self.score.weight, std=cfg.init_std)
         self.register_buffer("positive_fraction", torch.zeros(()), persistent=False)  # for logging
+        # threshold (inference) calls add the tokens entering the level and those kept; host ints
+        self.seen = self.kept = 0
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         return self.score(h).squeeze(-1).float()  # [b, n]
@@ -58,27 +68,57 @@ class Subsample(nn.Module):
     def forward(self, p):
         h = p.hidden
         s = self.scores(h)
-        self.positive_fraction = (s.detach() > 0).float().mean()
+        if s.numel():
+            self.positive_fraction = (s.detach() > 0).float().mean()
         if p.threshold:
-            kept = select_positive(s)
-        else:
-            s = balance(s, target=self.ratio, tolerance=self.sub.balancer_tolerance, abs_min=self.sub.score_abs_min,
-                        abs_max=self.sub.score_abs_max, strength=self.sub.balancer_strength)
-            k = max(1, math.ceil(h.shape[1] * self.ratio))
-            kept = s.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+            return self._threshold(p, s)
+        s = balance(s, target=self.ratio, tolerance=self.sub.balancer_tolerance, abs_min=self.sub.score_abs_min,
+                    abs_max=self.sub.score_abs_max, strength=self.sub.balancer_strength)
+        k = max(1, math.ceil(h.shape[1] * self.ratio))
+        kept = s.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
         weight = s.gather(1, kept).clamp(0.0, 1.0).unsqueeze(-1).to(h.dtype)
         cos, sin = p.rope
-        level = Level(h, p.positions, p.rope, kept, weight)
+        level = Level(h, p.positions, p.rope, kept, weight, rows=p.rows)
         return p._replace(hidden=_gather_tokens(h, kept), positions=p.positions.gather(1, kept),
                           rope=(_gather_tokens(cos, kept, 2), _gather_tokens(sin, kept, 2)),
                           levels=(*p.levels, level))
 
+    def _threshold(self, p, s: torch.Tensor):
+        """Inference rule: keep token t iff s_t > 0; rows that keep nothing leave the level."""
+        h, (cos, sin) = p.hidden, p.rope
+        b, n = s.shape
+        live, kept = select_positive(s)
+        self.seen += b * n
+        self.kept += kept.numel()
+        rows = p.rows
+        if live is not None:  # some rows kept nothing: the level runs on the others only
+            rows = (torch.arange(b) if rows is None else rows)[live.cpu()]
+            h, positions, s = h[live], p.positions[live], s[live]
+            cos, sin = cos[live], sin[live]
+        else:
+            positions = p.positions
+        weight = s.gather(1, kept).clamp(0.0, 1.0).unsqueeze(-1).to(h.dtype)
+        level = Level(p.hidden, p.positions, p.rope, kept, weight, live=live, rows=p.rows)
+        return p._replace(hidden=_gather_tokens(h, kept), positions=positions.gather(1, kept),
+                          rope=(_gather_tokens(cos, kept, 2), _gather_tokens(sin, kept, 2)), rows=rows,
+                          levels=(*p.levels, level))
 
-def select_positive(s: torch.Tensor) -> torch.Tensor:
-    """Inference rule: the indexes of positive scores, ascending. One row only: rows are ragged."""
-    if s.shape[0] != 1:
-        raise ValueError("threshold subsampling runs one sequence at a time (rows keep different counts)")
-    return (s[0] > 0).nonzero().view(1, -1)
+
+def select_positive(s: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Inference rule on scores [b, n]: (live, kept). live: the rows with a positive score ([r], on
+    s's device; None when that is every row); kept [r, k]: their positive indexes, ascending. Every
+    live row must keep the same count k (one row, or one token per row); else run rows one at a time."""
+    keep = s > 0
+    counts = keep.sum(dim=1).tolist()  # the one host sync of a level: what follows is sized by it
+    live = [i for i, c in enumerate(counts) if c > 0]
+    k = counts[live[0]] if live else 0
+    if any(counts[i] != k for i in live):
+        raise ValueError(f"threshold subsampling: rows keep different token counts {counts}; a batch of "
+                         "multi-token rows runs one row at a time (Network.forward does this)")
+    if len(live) == len(counts):
+        return None, keep.nonzero()[:, 1].view(len(live), k)
+    live_t = torch.tensor(live, dtype=torch.long, device=s.device)
+    return live_t, keep[live_t].nonzero()[:, 1].view(len(live), k)
 
 
 class _LimitToRange(torch.autograd.Function):
@@ -114,9 +154,14 @@ class Upsample(nn.Module):
     def forward(self, p):
         lvl: Level = p.levels[-1]
         x = lvl.hidden
-        blended = lvl.weight * p.hidden + (1 - lvl.weight) * _gather_tokens(x, lvl.kept)
-        index = lvl.kept.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        x_up = x.scatter(1, index, blended)
+        x_up = x  # a level that kept no token returns x exactly
+        if lvl.kept.numel():
+            xs = x if lvl.live is None else x[lvl.live]
+            blended = lvl.weight * p.hidden + (1 - lvl.weight) * _gather_tokens(xs, lvl.kept)
+            index = lvl.kept.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+            x_up = xs.scatter(1, index, blended)
+            if lvl.live is not None:  # rows that kept nothing keep x
+                x_up = x.index_put((lvl.live,), x_up)
         c = _LimitToRange.apply(self.bypass, self.scale_min, 1.0).to(x.dtype)
         y = x + c * (x_up - x)
-        return p._replace(hidden=y, positions=lvl.positions, rope=lvl.rope, levels=p.levels[:-1])
+        return p._replace(hidden=y, positions=lvl.positions, rope=lvl.rope, rows=lvl.rows, levels=p.levels[:-1])
