@@ -32,7 +32,7 @@ class SubsampleConfig(Section):
     scale_min_steps: int = 20000
     # keep-ratio control (Zipformer's Balancer): positive-score fraction within keep ratio ± tolerance,
     # mean |score| within [score_abs_min, score_abs_max]
-    balancer_strength: float = 0.04
+    balancer_strength: float = 0.3
     balancer_tolerance: float = 0.05
     score_abs_min: float = 1.0
     score_abs_max: float = 4.0

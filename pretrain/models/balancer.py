@@ -6,8 +6,12 @@ Identity in the forward pass; in the backward pass it adds a small gradient term
     the fraction that top-k keeps in training), and
   - pulls scores towards zero when their mean |s| exceeds `abs_max`, and away from zero when it
     is below `abs_min` (bounded, well-separated scores).
-The term is scaled by the mean |incoming gradient|, so it stays proportionate to the signal
-the scorer gets from the upsample blend whatever the loss scale (Zipformer does the same).
+The term is the gradient of the auxiliary loss  strength · mean(push · s + shrink · |s|)  over the
+level's scores: push = (positive fraction − target) outside the tolerance, else 0; shrink ∈
+{−1, 0, +1} from mean |s|, applied only while the fraction is within tolerance; both decided
+from the current batch. It is NOT scaled
+by the incoming gradient (Zipformer's choice): once every score is negative, clamp(s, 0, 1) passes
+no gradient at all, and a relative term would vanish with it, leaving the level dead for good.
 """
 from __future__ import annotations
 
@@ -27,11 +31,15 @@ class _Balance(torch.autograd.Function):
         target, tolerance, abs_min, abs_max, strength = ctx.cfg
         s = scores.detach().float()
         frac = (s > 0).float().mean()
-        # gradient descent subtracts the gradient: +1 lowers the scores, -1 raises them
-        push = (frac > target + tolerance).float() - (frac < target - tolerance).float()
+        # gradient descent subtracts the gradient: > 0 lowers the scores, < 0 raises them.
+        # Proportional to the error (a bang-bang push overshoots: the fraction swings 0 <-> 1).
+        err = frac - target
+        push = err * (err.abs() > tolerance).float()
         mean_abs = s.abs().mean()
-        shrink = (mean_abs > abs_max).float() - (mean_abs < abs_min).float()
-        extra = strength * grad.abs().mean() * (push + shrink * torch.sign(s))
+        # magnitude only once the fraction is right: pushing scores away from zero while most of
+        # them sit on the wrong side of it would fight the fraction control (and win)
+        shrink = ((mean_abs > abs_max).float() - (mean_abs < abs_min).float()) * (push == 0).float()
+        extra = (strength / s.numel()) * (push + shrink * torch.sign(s))
         return grad + extra.to(grad.dtype), None, None, None, None, None
 
 

@@ -1,5 +1,6 @@
-"""TP=2 == TP=1 for the whole LLaMA model (loss, every gradient), untied and tied embeddings;
-cached decoding == full forward at both TP sizes."""
+"""TP=2 == TP=1 for the whole model (loss, every gradient): LLaMA untied and tied, and SUBLLM with
+two nested levels; replicated parameters (norms, scorer, bypass) get identical gradients on every
+TP rank; cached decoding == full forward at both TP sizes (SUBLLM: under the inference rule)."""
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ def test_tp2_matches_tp1(tmp_path):
     worker(WORKER, str(tmp_path / "tp1.pt"), nproc=1)
     worker(WORKER, str(tmp_path / "tp2.pt"), nproc=2)
     tp1, tp2 = torch.load(tmp_path / "tp1.pt"), torch.load(tmp_path / "tp2.pt")
-    for key in ("tie=False", "tie=True"):
+    for key in ("tie=False", "tie=True", "subllm"):
         a, b = tp1[key], tp2[key]
         torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
         assert a["grads"].keys() == b["grads"].keys()
@@ -25,3 +26,5 @@ def test_tp2_matches_tp1(tmp_path):
         for res in (a, b):  # KV-cache decoding reproduces the full forward's logits
             torch.testing.assert_close(res["cached"], res["full"], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(a["full"], b["full"], rtol=1e-4, atol=1e-5)
+        assert b["spread"] == 0.0, f"{key}: replicated parameters got different gradients on the TP ranks"
+    assert any("score" in n for n in tp1["subllm"]["grads"]) and any("bypass" in n for n in tp1["subllm"]["grads"])

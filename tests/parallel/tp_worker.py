@@ -29,26 +29,38 @@ def main(out: str) -> None:
     layout = init_distributed(int(os.environ["WORLD_SIZE"]))  # every rank in one TP group
     group = ps.get_tensor_model_parallel_group()
     results = {}
-    for tie in (False, True):
-        cfg = ModelConfig(structure="TTT", d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=256,
-                          seq_len=16, tie_embeddings=tie)
+    variants = {"tie=False": dict(structure="TTT"), "tie=True": dict(structure="TTT", tie_embeddings=True),
+                # SUBLLM: two nested levels; init_std 0.1 puts scores on both sides of zero
+                "subllm": dict(arch="subllm", structure="T(T(T)T)T", init_std=0.1)}
+    for key, extra in variants.items():
+        cfg = ModelConfig(d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=256, seq_len=16, **extra)
+        sub = cfg.arch == "subllm"
         torch.manual_seed(0)
         net = build_network(cfg)
+        net.set_step(10**6)  # SUBLLM: bypass floor at its end value, so c gets gradient both ways
         gen = torch.Generator().manual_seed(1)
         tokens = torch.randint(0, 256, (3, 17), generator=gen)
         loss = net(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         grads = {n: gather_full(p.grad, p, group) for n, p in net.named_parameters()}
+        # replicated parameters (norms, SUBLLM's scorer and bypass) must get the same gradient on every
+        # TP rank, or they would drift apart: compare across ranks
+        spread = 0.0
+        for n, p in net.named_parameters():
+            if not getattr(p, "tensor_model_parallel", False):
+                peers = [torch.empty_like(p.grad) for _ in range(dist.get_world_size(group))]
+                dist.all_gather(peers, p.grad.contiguous(), group=group)
+                spread = max(spread, max((q - p.grad).abs().max().item() for q in peers))
         # cached decode: prefill 10 tokens, then 6 single-token steps; compare to one full forward
         with torch.no_grad():
-            full = gather_vocab(net(tokens[:, :16]))
+            full = gather_vocab(net(tokens[:, :16], threshold=sub))
             caches = [KVCache(3, cfg.kv_heads // layout.tp_size, 16, cfg.head_dim, dtype=torch.float32,
-                              device="cpu") for _ in range(3)]
-            steps = [gather_vocab(net(tokens[:, :10], caches=caches))]
+                              device="cpu") for _ in range(cfg.n_blocks)]
+            steps = [gather_vocab(net(tokens[:, :10], caches=caches, threshold=sub))]
             for i in range(10, 16):
-                steps.append(gather_vocab(net(tokens[:, i:i + 1], caches=caches, start_pos=i)))
+                steps.append(gather_vocab(net(tokens[:, i:i + 1], caches=caches, start_pos=i, threshold=sub)))
             cached = torch.cat(steps, dim=1)
-        results[f"tie={tie}"] = {"loss": loss.detach(), "grads": grads, "full": full, "cached": cached}
+        results[key] = {"loss": loss.detach(), "grads": grads, "full": full, "cached": cached, "spread": spread}
     if layout.rank == 0:
         torch.save(results, out)
 

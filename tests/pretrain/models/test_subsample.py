@@ -101,27 +101,33 @@ def test_scorer_and_bypass_get_gradients():
 def test_balancer_gradient_term():
     s = torch.tensor([[2.0, -1.5, 0.5, -3.0]], requires_grad=True)  # half positive, mean |s| 1.75
     g = torch.tensor([[0.1, -0.2, 0.3, -0.4]])
-    kw = dict(tolerance=0.05, abs_min=1.0, abs_max=4.0, strength=0.1)
-    balance(s, target=0.8, **kw).backward(g)  # too few positive: push every score up
-    assert torch.allclose(s.grad - g, torch.full_like(g, -0.1 * 0.25))
+    kw = dict(tolerance=0.05, abs_min=1.0, abs_max=4.0, strength=0.8)
+    balance(s, target=0.8, **kw).backward(g)  # too few positive: push every score up, by 0.8 * err / n
+    assert torch.allclose(s.grad - g, torch.full_like(g, 0.8 * (0.5 - 0.8) / 4))
     s.grad = None
     balance(s, target=0.2, **kw).backward(g)  # too many positive: push down
-    assert torch.allclose(s.grad - g, torch.full_like(g, 0.1 * 0.25))
+    assert torch.allclose(s.grad - g, torch.full_like(g, 0.8 * (0.5 - 0.2) / 4))
     s.grad = None
-    balance(s, target=0.5, **{**kw, "abs_max": 1.0, "abs_min": 0.5}).backward(g)  # too large: shrink
-    assert torch.allclose(s.grad - g, 0.1 * 0.25 * torch.sign(s.detach()))
+    balance(s, target=0.5, **{**kw, "abs_max": 1.0, "abs_min": 0.5}).backward(g)  # fraction right, too large
+    assert torch.allclose(s.grad - g, 0.8 / 4 * torch.sign(s.detach()))
+    s.grad = None
+    balance(s, target=0.8, **{**kw, "abs_max": 1.0, "abs_min": 0.5}).backward(g)  # fraction first
+    assert torch.allclose(s.grad - g, torch.full_like(g, 0.8 * (0.5 - 0.8) / 4))
+    s.grad = None  # the push does not vanish with the incoming gradient (a dead level recovers)
+    balance(s, target=0.8, **kw).backward(torch.zeros_like(g))
+    assert (s.grad < 0).all()
     assert torch.equal(balance(s, target=0.5, **kw), s)  # identity forward
 
 
 def test_keep_ratio_control_moves_positive_fraction_toward_target():
     torch.manual_seed(0)
-    cfg = ModelConfig(structure="T(TT)T", **CFG, subsample={"keep_ratio": 0.8, "balancer_strength": 0.5})
+    cfg = ModelConfig(structure="T(TT)T", **CFG, subsample={"keep_ratio": 0.8})
     net = build_network(cfg)
     sub = next(m for m in net.layers if isinstance(m, Subsample))
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     data = torch.randint(0, 128, (8, 25))
     fractions = []
-    for _ in range(40):
+    for _ in range(70):
         loss = net(data[:, :-1], data[:, 1:])
         opt.zero_grad()
         loss.backward()
