@@ -8,6 +8,8 @@ BIN     := $(VENV)/bin
 STDLIB  := $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 DATA    ?= data/stdlib
 CONFIG  ?= launch/configs/tiny-llama.yaml
+# the run folder to sample from: the configs' `dir` follows their file name
+RUN     ?= runs/$(basename $(notdir $(CONFIG)))
 PROMPT  ?= def
 
 .PHONY: setup train test data clean
@@ -37,7 +39,7 @@ data: $(DATA)/meta.json
 
 train: $(DATA)/meta.json
 	$(BIN)/python -m pretrain train --config $(CONFIG) data.path=$(DATA)
-	$(BIN)/python -m pretrain generate --checkpoint runs/tiny-llama --prompt '$(PROMPT)' --max-new-tokens 80
+	$(BIN)/python -m pretrain generate --checkpoint $(RUN) --prompt '$(PROMPT)' --max-new-tokens 80
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
