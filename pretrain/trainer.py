@@ -284,7 +284,9 @@ class Trainer:
                 metrics["mem_gib"] = _memory_gib()
                 metrics["skipped_steps"] = self.skipped_steps
                 metrics["samples_consumed"] = self.loader.samples_consumed_total
-                metrics.update({k: float(v) for k, v in self.engine.module.diagnostics().items()})
+                diag = self.engine.module.diagnostics()
+                if diag:  # one device-to-host transfer for all of them
+                    metrics.update(zip(diag, torch.stack(list(diag.values())).tolist()))
                 if self.peak_flops:
                     metrics["mfu"] = metrics["tokens_per_sec"] * self.flops_per_token / (
                         self.peak_flops * self.layout.world_size)
