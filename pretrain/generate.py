@@ -159,7 +159,7 @@ class Generator:
 
     def keep_counts(self) -> dict[int, tuple[int, int]]:
         """SUBLLM, over the last generate call (prefill and decode): level -> (tokens entering it, kept)."""
-        return {m.level: (m.seen, m.kept) for m in self.levels}
+        return {m.level: (int(m.seen), int(m.kept)) for m in self.levels}  # counters may live on the device
 
     def keep_stats(self) -> dict[int, float]:
         """level -> fraction of the tokens entering it that it kept (of its input, not of the sequence:

@@ -20,7 +20,35 @@ class KVCache:
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, *, dtype, device):
         self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.lengths = torch.zeros(batch, dtype=torch.long)  # tokens held per row (host)
+        self._lengths = torch.zeros(batch, dtype=torch.long)  # tokens held per row (host) ...
+        self._lengths_dev: torch.Tensor | None = None  # ... or on the device, after a masked append
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        if self._lengths_dev is not None:  # back to the host (one sync; decode never comes here)
+            self._lengths, self._lengths_dev = self._lengths_dev.cpu(), None
+        return self._lengths
+
+    @lengths.setter
+    def lengths(self, value: torch.Tensor) -> None:
+        self._lengths, self._lengths_dev = value, None
+
+    def append_masked(self, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode step of every row (k/v [b, kvh, 1, hd]); only rows with `active` (device bool [b])
+        keep their token. Every row writes at its own end, only active rows advance, so an inactive
+        row's write lies past its end: never visible, overwritten by its next kept token. No host
+        sync and no row gather: SUBLLM's batched decode inside a level. Returns the whole cache and
+        the [b, 1, 1, max_len] visibility mask (each row sees its keys up to its new token)."""
+        if self._lengths_dev is None:
+            self._lengths_dev = self._lengths.to(self.k.device)
+        pos = self._lengths_dev
+        batch = torch.arange(self.k.shape[0], device=self.k.device)
+        self.k[batch, :, pos] = k[:, :, 0]
+        self.v[batch, :, pos] = v[:, :, 0]
+        self._lengths_dev = pos + active.long()
+        mask = torch.arange(self.k.shape[2], device=self.k.device) <= pos[:, None]
+        return self.k, self.v, mask[:, None, None, :]
 
     def append(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -36,7 +64,7 @@ class KVCache:
         if rows is None and lo == int(old.max()):  # the plain batch of equal lengths: slice writes and views
             self.k[:, :, lo:lo + s] = k
             self.v[:, :, lo:lo + s] = v
-            self.lengths += s
+            self.lengths = self.lengths + s
             return self.k[:, :, :lo + s], self.v[:, :, :lo + s], old
         idx = (torch.arange(self.k.shape[0]) if rows is None else rows).to(self.k.device)
         pos = (old[:, None] + torch.arange(s)).to(self.k.device)  # [r, s]: each row writes at its own end
@@ -44,7 +72,7 @@ class KVCache:
         self.k[idx[:, None], :, pos] = k.transpose(1, 2)
         self.v[idx[:, None], :, pos] = v.transpose(1, 2)
         if rows is None:
-            self.lengths += s
+            self.lengths = self.lengths + s
         else:
             self.lengths[rows] = new
         t = int(new.max())
@@ -74,8 +102,10 @@ class Attention(nn.Module):
         self.o = spec.row(n_heads * self.head_dim, d_model, init_std=out_std)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x [b, s, d]; with a cache, x's batch rows are cache rows `rows` (None = all rows)."""
+                cache: KVCache | None = None, rows: torch.Tensor | None = None,
+                active: torch.Tensor | None = None) -> torch.Tensor:
+        """x [b, s, d]; with a cache, x's batch rows are cache rows `rows` (None = all rows);
+        `active` (device bool [b]): a SUBLLM decode step where only those rows keep their token."""
         b, s, _ = x.shape
         q = self.q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -83,7 +113,10 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
 
         mask, causal = None, True
-        if cache is not None:
+        if cache is not None and active is not None:
+            k, v, mask = cache.append_masked(k, v, active)
+            causal = False
+        elif cache is not None:
             k, v, past = cache.append(k, v, rows)
             first = int(past[0])
             if not bool((past == first).all()):  # rows of different lengths: an explicit mask per row

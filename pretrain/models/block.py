@@ -24,6 +24,6 @@ class TransformerBlock(nn.Module):
         if p.hidden.numel() == 0:  # inside a SUBLLM level that kept no token on this call: nothing to do
             return p
         cache = p.caches[self.layer_id] if p.caches is not None else None
-        h = p.hidden + self.attn(self.attn_norm(p.hidden), p.rope, cache, p.rows)
+        h = p.hidden + self.attn(self.attn_norm(p.hidden), p.rope, cache, p.rows, p.active)
         h = h + self.mlp(self.mlp_norm(h))
         return p._replace(hidden=h)

@@ -29,6 +29,7 @@ class Payload(NamedTuple):
     levels: tuple = ()  # SUBLLM: a stack of subsample.Level, one per open "("
     threshold: bool = False  # SUBLLM: keep tokens by score > 0 (inference) instead of top-k
     rows: torch.Tensor | None = None  # host LongTensor [b]: the cache rows of hidden's rows (None = 0..b-1)
+    active: torch.Tensor | None = None  # SUBLLM batched decode: device bool [b], rows whose token is kept here
 
 
 class Embedding(nn.Module):

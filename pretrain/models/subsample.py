@@ -39,6 +39,10 @@ class Level(NamedTuple):
     weight: torch.Tensor  # [r, k, 1] clamp(score, 0, 1)
     live: torch.Tensor | None = None  # [r] the batch rows that kept a token (threshold); None = all b
     rows: torch.Tensor | None = None  # the payload's cache rows outside the level, restored by `)`
+    # batched decode (one token per row, every row stays): which rows keep their token here, and the
+    # payload's `active` outside the level (restored by `)`); kept is then unused (empty)
+    keep: torch.Tensor | None = None
+    active: torch.Tensor | None = None
 
 
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -87,6 +91,8 @@ class Subsample(nn.Module):
         """Inference rule: keep token t iff s_t > 0; rows that keep nothing leave the level."""
         h, (cos, sin) = p.hidden, p.rope
         b, n = s.shape
+        if p.caches is not None and n == 1 and b > 1 and p.rows is None:
+            return self._decode_batch(p, s)
         live, kept = select_positive(s)
         self.seen += b * n
         self.kept += kept.numel()
@@ -102,6 +108,21 @@ class Subsample(nn.Module):
         return p._replace(hidden=_gather_tokens(h, kept), positions=positions.gather(1, kept),
                           rope=(_gather_tokens(cos, kept, 2), _gather_tokens(sin, kept, 2)), rows=rows,
                           levels=(*p.levels, level))
+
+
+    def _decode_batch(self, p, s: torch.Tensor):
+        """A decode step of many rows: every row stays in the batch (no host sync, no row gather);
+        `active` tells the caches which rows keep their token, and `)` discards the others' outputs.
+        At batch 1 the skipping path is taken instead: there, not running the level is the saving."""
+        keep = s[:, 0] > 0
+        entering = p.active if p.active is not None else torch.ones_like(keep)
+        active = entering & keep
+        self.seen = self.seen + entering.sum()  # device counters: read (synced) only by keep_counts
+        self.kept = self.kept + active.sum()
+        weight = s.clamp(0.0, 1.0).unsqueeze(-1).to(p.hidden.dtype)  # [b, 1, 1]
+        level = Level(p.hidden, p.positions, p.rope, s.new_empty(0, dtype=torch.long), weight, rows=p.rows,
+                      keep=active, active=p.active)
+        return p._replace(active=active, levels=(*p.levels, level))
 
 
 def select_positive(s: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -155,7 +176,10 @@ class Upsample(nn.Module):
         lvl: Level = p.levels[-1]
         x = lvl.hidden
         x_up = x  # a level that kept no token returns x exactly
-        if lvl.kept.numel():
+        if lvl.keep is not None:  # batched decode: rows that dropped their token return x
+            blended = lvl.weight * p.hidden + (1 - lvl.weight) * x
+            x_up = torch.where(lvl.keep[:, None, None], blended, x)
+        elif lvl.kept.numel():
             xs = x if lvl.live is None else x[lvl.live]
             blended = lvl.weight * p.hidden + (1 - lvl.weight) * _gather_tokens(xs, lvl.kept)
             index = lvl.kept.unsqueeze(-1).expand(-1, -1, x.shape[-1])
@@ -164,4 +188,5 @@ class Upsample(nn.Module):
                 x_up = x.index_put((lvl.live,), x_up)
         c = _LimitToRange.apply(self.bypass, self.scale_min, 1.0).to(x.dtype)
         y = x + c * (x_up - x)
-        return p._replace(hidden=y, positions=lvl.positions, rope=lvl.rope, rows=lvl.rows, levels=p.levels[:-1])
+        return p._replace(hidden=y, positions=lvl.positions, rope=lvl.rope, rows=lvl.rows, active=lvl.active,
+                          levels=p.levels[:-1])

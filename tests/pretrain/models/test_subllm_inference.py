@@ -100,6 +100,7 @@ def decode_ragged(net, prompts: list[torch.Tensor], continuations: torch.Tensor)
     token per step for all rows together; per-row logits [n_i + m, V]."""
     b = len(prompts)
     cache = caches(net, b)
+    net._last_caches = cache  # for tests that inspect what the caches hold
     outs = [[net(p[None], caches=cache, rows=torch.tensor([i]), threshold=True)[0]] for i, p in enumerate(prompts)]
     lengths = torch.tensor([len(p) for p in prompts])
     for j in range(continuations.shape[1]):
@@ -137,6 +138,10 @@ def force_drop(sub: Subsample, positions: torch.Tensor) -> None:
     sub.scores = scores
 
 
+def net_cache_lengths(net, layer_id: int) -> torch.Tensor:
+    return net._last_caches[layer_id].lengths
+
+
 def test_level_keeping_nothing_still_decodes():
     net = build()
     outer, inner = levels(net)
@@ -153,9 +158,15 @@ def test_level_keeping_nothing_still_decodes():
     decode_calls = {i: len(c) for i, c in calls.items()}
     for i, p in enumerate(prompts):
         torch.testing.assert_close(together[i], full(net, torch.cat([p, cont[i]])[None])[0], atol=ATOL, rtol=0)
-    # empty levels were skipped, not run on zero tokens; so the inner blocks (2-4) ran on fewer calls
+    # prefill: empty levels were skipped, not run on zero tokens; batched decode steps run every block
+    # on every row (no host sync), and only the caches of the rows that kept their token grow
     assert all(shape.numel() > 0 for shapes in calls.values() for shape in shapes)
-    assert decode_calls[4] < decode_calls[2] < decode_calls[0] == 3 + 16
+    assert decode_calls[0] == 3 + 16 and decode_calls[4] == 2 + 16  # level 1 skipped one prefill
+    for b in (0, 2, 4):
+        assert all(shape[0] == 3 for shape in calls[b][:decode_calls[b]][-16:])
+    # the caches hold what each level kept: fewer tokens the deeper the level
+    held = [int(net_cache_lengths(net, i).sum()) for i in (0, 2, 4)]
+    assert held[0] > held[1] > held[2] > 0
 
 
 def test_generator_ragged_prompts_and_keep_stats():
