@@ -29,11 +29,14 @@ import torch
 CONFIGS = {"llama": "launch/configs/llama-1.3b.yaml", "subllm": "launch/configs/subllm-1.3b.yaml"}
 
 
+SUBLLM_OVERRIDES: list[str] = []  # --subllm-override, e.g. model.subsample.keep_ratio=1.0
+
+
 def build(name: str, seq: int):
     from pretrain.config import load_config
     from pretrain.models import build_network
 
-    cfg = load_config(CONFIGS[name], [f"model.seq_len={seq}"])
+    cfg = load_config(CONFIGS[name], [f"model.seq_len={seq}", *(SUBLLM_OVERRIDES if name == "subllm" else [])])
     torch.manual_seed(0)
     return cfg, build_network(cfg.model).cuda()
 
@@ -86,7 +89,8 @@ def run_one(kind: str, name: str, seq: int, args) -> dict:
 
     cmd = [sys.executable, __file__, "--one", kind, name, str(seq), "--tokens-per-step", str(args.tokens_per_step),
            "--micro-tokens", str(args.micro_tokens), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--decode-tokens", str(args.decode_tokens), "--decode-batches", *map(str, args.decode_batches)]
+           "--decode-tokens", str(args.decode_tokens), "--decode-batches", *map(str, args.decode_batches),
+           *[a for o in args.subllm_override for a in ("--subllm-override", o)]]
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
@@ -119,8 +123,11 @@ def main() -> None:
     ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--subllm-override", action="append", default=[],
+                    help="dotted override for the SUBLLM model only (e.g. model.subsample.keep_ratio=1.0)")
     ap.add_argument("--out", default="bench_subllm.json")
     args = ap.parse_args()
+    SUBLLM_OVERRIDES.extend(args.subllm_override)
     if args.one:
         kind, name, seq = args.one
         print("RESULT " + json.dumps(one(kind, name, int(seq), args)), flush=True)
