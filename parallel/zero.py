@@ -59,6 +59,9 @@ def engine_config(*, micro_batch: int, grad_accum: int, zero_stage: int, bf16: b
         "steps_per_print": 2**62,  # our own logging
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": False},
+        # the caller runs backward per micro-batch and step() once per global batch (the trainer
+        # decides on skipping a non-finite step before DeepSpeed's boundary logic would run)
+        "managed_gradient_accumulation": False,
     }
 
 

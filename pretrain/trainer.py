@@ -95,11 +95,10 @@ class Trainer:
         self.run_dir = Path(cfg.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_dir)
-        self.resume_meta = None
         if self.resume_from is not None:
-            self.resume_meta = ckpt.read_meta(self.resume_from)
             parallel = {**cfg.parallel.model_dump(), "dp_size": self.dp_size}
-            ckpt.check_compatible(self.resume_meta, cfg.model.model_dump(mode="json"), parallel, self.resume_from)
+            ckpt.check_compatible(ckpt.read_meta(self.resume_from), cfg.model.model_dump(mode="json"), parallel,
+                                  self.resume_from)
         self.grad_accum = cfg.training.global_batch_size // (cfg.training.micro_batch_size * self.dp_size)
 
         # 2. process groups
@@ -124,7 +123,6 @@ class Trainer:
         ds_config = zero.engine_config(micro_batch=cfg.training.micro_batch_size, grad_accum=self.grad_accum,
                                        zero_stage=cfg.parallel.zero_stage, bf16=self.bf16,
                                        grad_clip=cfg.training.grad_clip)
-        ds_config["managed_gradient_accumulation"] = False  # we call step() once per global batch
         self.engine = zero.initialize(model, optimizer, scheduler, ds_config)
         self.loader = TrainLoader(self.data, dp_rank=self.layout.dp_rank, dp_size=self.dp_size,
                                   micro_batch=cfg.training.micro_batch_size, num_workers=cfg.data.workers,
@@ -132,13 +130,13 @@ class Trainer:
         self._dp_group = self._megatron_dp_group()
         self.step = 0
         self.skipped_steps = 0
-        self.run_id = None
+        run_id = None  # the MLflow run a resumed job appends to
         if self.resume_from is not None:
             meta = ckpt.load(self.engine, self.resume_from, rank=self.layout.rank)
             self.step = meta["step"]
             self.skipped_steps = meta.get("skipped_steps", 0)
             self.loader.load_state_dict(meta["data"])
-            self.run_id = meta.get("mlflow_run_id")
+            run_id = meta.get("mlflow_run_id")
         self.batches = iter(self.loader)  # micro-batches [mb, seq_len + 1]; tests may substitute their own
 
         from pretrain.progress import Progress
@@ -146,7 +144,7 @@ class Trainer:
 
         self.tracker = Tracker(self.run_dir, tracking_uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
                                run_name=cfg.name, enabled=cfg.tracking.enabled, is_rank0=self.layout.is_rank0,
-                               resume_run_id=self.run_id)
+                               resume_run_id=run_id)
         self.progress = Progress(cfg.training.steps, self.step, enabled=self.layout.is_rank0,
                                  log_every=cfg.training.log_every)
         self.eval_enabled = bool(cfg.training.eval_every) and self.val.num_samples >= self.dp_size
@@ -235,8 +233,7 @@ class Trainer:
                                  max_batches=self.cfg.training.eval_batches):
             batch = batch.to(self.device)
             n = batch.shape[0]
-            loss = self.engine(batch[:, :-1], batch[:, 1:], threshold=threshold) if threshold else \
-                self.engine(batch[:, :-1], batch[:, 1:])
+            loss = self.engine(batch[:, :-1], batch[:, 1:], threshold=threshold)
             total += torch.stack([loss.float() * n,
                                   torch.tensor(float(n), device=self.device)])
         dist.all_reduce(total, group=self._dp_group)

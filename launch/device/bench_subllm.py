@@ -60,7 +60,6 @@ def bench_train(name: str, seq: int, micro_batch: int, grad_accum: int, steps: i
     cfg, model = build(name, seq)
     opt = build_optimizer(model, cfg.optimizer, fused=True)
     ds = zero.engine_config(micro_batch=micro_batch, grad_accum=grad_accum, zero_stage=1, bf16=True, grad_clip=1.0)
-    ds["managed_gradient_accumulation"] = False
     engine = zero.initialize(model, opt, build_scheduler(opt, cfg), ds)
     engine.module.set_step(10**6)  # bypass floor at its final value (irrelevant for speed)
     gen = torch.Generator(device="cuda").manual_seed(1)
