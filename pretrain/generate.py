@@ -1,7 +1,8 @@
 """Text generation with KV caches: prefill each prompt once, then decode one token per forward.
 
 Prompts may differ in length: each is prefilled into its own cache row, then all rows decode
-together on ragged caches (each row attends to exactly its own tokens). A SUBLLM model runs its
+together on ragged caches (each row attends to exactly its own tokens), one `DecodeStep` per token:
+static buffers, replayed as CUDA graphs on a GPU (decode_step.py). A SUBLLM model runs its
 inference rule (keep a token iff its score > 0) throughout, and its inner blocks cache only the
 tokens kept at their level; `keep_stats()` reports the fraction kept per level.
 
@@ -109,6 +110,7 @@ class Generator:
         self.dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
         self.model = model.to(device=layout.device, dtype=self.dtype).eval()
         self.levels = [m for m in model.layers if isinstance(m, Subsample)]
+        self.cuda_graphs = layout.device.type == "cuda"  # decode steps replayed as CUDA graphs
 
     def new_caches(self, batch: int, max_len: int) -> list:
         from pretrain.models.attention import KVCache
@@ -141,7 +143,7 @@ class Generator:
             raise ConfigError(f"prompt ({int(lengths.max())}) + max_new_tokens ({s.max_new_tokens}) exceeds the "
                               f"model's context of {self.model.cfg.seq_len} tokens")
         for m in self.levels:
-            m.seen = m.kept = 0
+            m.reset_counts()
         gen = torch.Generator(device=self.layout.device).manual_seed(s.seed)
         caches = self.new_caches(len(rows), total)
         if bool((lengths == lengths[0]).all()):  # one batched prefill (SUBLLM's forward splits it by row)
@@ -149,17 +151,22 @@ class Generator:
         else:  # each prompt alone into its own cache row
             logits = torch.cat([self.logits(r[None], caches, rows=torch.tensor([i]))[:, -1]
                                 for i, r in enumerate(rows)])
+        from parallel.tensor_parallel import gather_vocab
+        from pretrain.decode_step import DecodeStep
+
+        # every row continues at its own position; CUDA graphs on a GPU (see decode_step.py)
+        step = DecodeStep(self.model, caches, lengths, s.max_new_tokens - 1, cuda_graphs=self.cuda_graphs)
         out = []
         for i in range(s.max_new_tokens):
             nxt = sample_next(logits, s, gen)
             out.append(nxt)
-            if i + 1 < s.max_new_tokens:  # every row continues at its own position
-                logits = self.logits(nxt[:, None], caches, start_pos=lengths + i)[:, -1]
+            if i + 1 < s.max_new_tokens:
+                logits = gather_vocab(step(nxt[:, None]))[:, -1].float()
         return torch.stack(out, dim=1)
 
     def keep_counts(self) -> dict[int, tuple[int, int]]:
         """SUBLLM, over the last generate call (prefill and decode): level -> (tokens entering it, kept)."""
-        return {m.level: (int(m.seen), int(m.kept)) for m in self.levels}  # counters may live on the device
+        return {m.level: (m.seen, m.kept) for m in self.levels}
 
     def keep_stats(self) -> dict[int, float]:
         """level -> fraction of the tokens entering it that it kept (of its input, not of the sequence:

@@ -9,8 +9,9 @@ configs take 2M tokens per step); tokens/s and step time from CUDA events over t
 warm-up (median), peak memory from torch.cuda.max_memory_allocated. Every configuration runs in
 its own subprocess: a DeepSpeed engine is not fully released inside one process, and the next
 model's peak memory would include the previous one's leftovers.
-Decode: the generation engine (per-level KV caches, threshold rule) after a prompt of the given
-context, greedy, batch 1 and 16; tokens/s over the decode steps.
+Decode: the generation engine's decode step (per-level KV caches, threshold rule, replayed as CUDA
+graphs; the same step eager for reference) after a prompt filling the context but the decoded
+tokens, batch 1 and 16; tokens/s over the decode steps.
 
 The models are untrained: a SUBLLM scorer at initialization keeps about half of the tokens at
 inference, not the 64% a trained one keeps (the balancer holds the positive fraction at the keep
@@ -120,8 +121,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--subllm-override", action="append", default=[],
                     help="dotted override for the SUBLLM model only (e.g. model.subsample.keep_ratio=1.0)")
     ap.add_argument("--out", default="bench_subllm.json")
@@ -134,7 +136,7 @@ def main() -> None:
 
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "train": {}, "decode": {}}
-    for seq in args.contexts:
+    for seq in [] if args.skip_train else args.contexts:
         for name in ("llama", "subllm"):
             r = run_one("train", name, seq, args)
             results["train"][f"{name}@{seq}"] = r
@@ -145,8 +147,8 @@ def main() -> None:
             for name in ("llama", "subllm"):
                 for b, r in run_one("decode", name, seq, args).items():
                     results["decode"][f"{name}@{seq}xb{b}"] = r
-                    print(f"decode {name:6s} ctx {seq} batch {b}: {r['tokens_per_s']:,.1f} tok/s "
-                          f"{r.get('keep', '')}", flush=True)
+                    print(f"decode {name:6s} ctx {seq} batch {b}: {r['tokens_per_s']:,.1f} tok/s (eager "
+                          f"{r['eager']['tokens_per_s']:,.1f}; {r['kernels_per_step']} kernels/step) {r.get('keep', '')}", flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print_table(results, args)
@@ -154,20 +156,24 @@ def main() -> None:
 
 def print_table(results: dict, args) -> None:
     print("\n| context | metric | LLaMA-1.3B | SUBLLM-1.3B | ratio |\n|---|---|---|---|---|")
+
+    def row(seq, metric, a, b, fmt):
+        print(f"| {seq} | {metric} | {fmt(a)} | {fmt(b)} | {b / a:.2f}x |")
+
     for seq in args.contexts:
-        a, b = results["train"][f"llama@{seq}"], results["train"][f"subllm@{seq}"]
-        print(f"| {seq} | train tokens/s | {a['tokens_per_s']:,.0f} | {b['tokens_per_s']:,.0f} | "
-              f"{b['tokens_per_s'] / a['tokens_per_s']:.2f}x |")
-        print(f"| {seq} | train step | {a['step_s'] * 1e3:.0f} ms | {b['step_s'] * 1e3:.0f} ms | "
-              f"{b['step_s'] / a['step_s']:.2f}x |")
-        print(f"| {seq} | train peak memory | {a['peak_gib']:.1f} GiB | {b['peak_gib']:.1f} GiB | "
-              f"{b['peak_gib'] / a['peak_gib']:.2f}x |")
+        if f"llama@{seq}" in results["train"]:
+            a, b = results["train"][f"llama@{seq}"], results["train"][f"subllm@{seq}"]
+            row(seq, "train tokens/s", a["tokens_per_s"], b["tokens_per_s"], "{:,.0f}".format)
+            row(seq, "train step", a["step_s"] * 1e3, b["step_s"] * 1e3, "{:.0f} ms".format)
+            row(seq, "train peak memory", a["peak_gib"], b["peak_gib"], "{:.1f} GiB".format)
         for bs in args.decode_batches:
             key = f"@{seq}xb{bs}"
             if f"llama{key}" in results["decode"]:
                 a, b = results["decode"][f"llama{key}"], results["decode"][f"subllm{key}"]
-                print(f"| {seq} | decode tokens/s, batch {bs} | {a['tokens_per_s']:,.1f} | {b['tokens_per_s']:,.1f} | "
-                      f"{b['tokens_per_s'] / a['tokens_per_s']:.2f}x |")
+                row(seq, f"decode tokens/s, batch {bs}", a["tokens_per_s"], b["tokens_per_s"], "{:,.1f}".format)
+                row(seq, f"decode tokens/s, batch {bs}, eager", a["eager"]["tokens_per_s"],
+                    b["eager"]["tokens_per_s"], "{:,.1f}".format)
+                row(seq, f"decode KV cache, batch {bs}", a["kv_cache_gib"], b["kv_cache_gib"], "{:.2f} GiB".format)
 
 
 if __name__ == "__main__":

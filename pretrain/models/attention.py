@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.decode_attention import decode_attention
 from pretrain.models.layers import apply_rotary
 
 
@@ -21,34 +22,45 @@ class KVCache:
         self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self._lengths = torch.zeros(batch, dtype=torch.long)  # tokens held per row (host) ...
-        self._lengths_dev: torch.Tensor | None = None  # ... or on the device, after a masked append
+        self._lengths_dev: torch.Tensor | None = None  # ... or on the device, once decoding started
 
     @property
     def lengths(self) -> torch.Tensor:
-        if self._lengths_dev is not None:  # back to the host (one sync; decode never comes here)
-            self._lengths, self._lengths_dev = self._lengths_dev.cpu(), None
-        return self._lengths
+        """Tokens held per row, on the host (a copy when they live on the device: one sync)."""
+        return self._lengths if self._lengths_dev is None else self._lengths_dev.cpu()
 
     @lengths.setter
     def lengths(self, value: torch.Tensor) -> None:
         self._lengths, self._lengths_dev = value, None
 
+    def device_lengths(self) -> torch.Tensor:
+        """The lengths as a device tensor, updated in place by `append_masked` from now on."""
+        if self._lengths_dev is None:
+            self._lengths_dev = self._lengths.to(self.k.device)
+        return self._lengths_dev
+
     def append_masked(self, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decode step of every row (k/v [b, kvh, 1, hd]); only rows with `active` (device bool [b])
         keep their token. Every row writes at its own end, only active rows advance, so an inactive
-        row's write lies past its end: never visible, overwritten by its next kept token. No host
-        sync and no row gather: SUBLLM's batched decode inside a level. Returns the whole cache and
-        the [b, 1, 1, max_len] visibility mask (each row sees its keys up to its new token)."""
-        if self._lengths_dev is None:
-            self._lengths_dev = self._lengths.to(self.k.device)
-        pos = self._lengths_dev
+        row's write lies past its end: never visible later, overwritten by its next kept token. No
+        host sync, no row gather and no shape that depends on the lengths, so the step can be replayed
+        as a CUDA graph. Returns the whole cache and the number of keys each row sees now [b] (device:
+        its cached tokens and the new one)."""
+        pos = self.device_lengths()
         batch = torch.arange(self.k.shape[0], device=self.k.device)
         self.k[batch, :, pos] = k[:, :, 0]
         self.v[batch, :, pos] = v[:, :, 0]
-        self._lengths_dev = pos + active.long()
-        mask = torch.arange(self.k.shape[2], device=self.k.device) <= pos[:, None]
-        return self.k, self.v, mask[:, None, None, :]
+        visible = pos + 1
+        pos.add_(active.long())  # in place: a graph replay reads and writes the same memory
+        return self.k, self.v, visible
+
+    def shrink(self, capacity: int) -> None:
+        """Drop the positions past `capacity` (after a prefill: SUBLLM's inner levels hold fewer tokens)."""
+        if capacity < int(self.lengths.max()):
+            raise ValueError(f"KV cache shrink to {capacity} positions would drop cached tokens")
+        self.k = self.k[:, :, :capacity].clone()
+        self.v = self.v[:, :, :capacity].clone()
 
     def append(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,9 +84,11 @@ class KVCache:
         self.k[idx[:, None], :, pos] = k.transpose(1, 2)
         self.v[idx[:, None], :, pos] = v.transpose(1, 2)
         if rows is None:
-            self.lengths = self.lengths + s
+            self.lengths = new
         else:
-            self.lengths[rows] = new
+            lengths = self.lengths.clone()  # a copy when the lengths live on the device
+            lengths[rows] = new
+            self.lengths = lengths
         t = int(new.max())
         if rows is None:
             return self.k[:, :, :t], self.v[:, :, :t], old
@@ -112,11 +126,12 @@ class Attention(nn.Module):
         v = self.v(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
 
+        if cache is not None and active is not None:  # a decode step: one token per row, sync-free
+            k, v, visible = cache.append_masked(k, v, active)
+            out = decode_attention(q, k, v, visible)
+            return self.o(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
         mask, causal = None, True
-        if cache is not None and active is not None:
-            k, v, mask = cache.append_masked(k, v, active)
-            causal = False
-        elif cache is not None:
+        if cache is not None:
             k, v, past = cache.append(k, v, rows)
             first = int(past[0])
             if not bool((past == first).all()):  # rows of different lengths: an explicit mask per row

@@ -90,12 +90,14 @@ class Network(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 caches: list | None = None, start_pos: int | torch.Tensor = 0, rows: torch.Tensor | None = None,
-                threshold: bool = False) -> torch.Tensor:
+                threshold: bool = False, active: torch.Tensor | None = None) -> torch.Tensor:
         """threshold=True: SUBLLM's inference rule (keep iff score > 0).
 
         Generation: `caches` (one KVCache per block), `rows` the cache rows of tokens' rows (host
         LongTensor [b]; None = 0..b-1) and `start_pos` the position of tokens[:, 0], an int or one
-        per row (LongTensor [b]) when the rows' caches hold different lengths."""
+        per row (LongTensor [b]) when the rows' caches hold different lengths. `active` (device
+        bool [b], all true): a decode step of every row on the sync-free path (see DecodeStep);
+        a one-token step of a whole batch takes it anyway."""
         b, s = tokens.shape
         if rows is not None:
             rows = rows.cpu()
@@ -109,12 +111,9 @@ class Network(nn.Module):
                                  start_pos=sp, rows=torch.tensor([i]) if rows is None else rows[i:i + 1],
                                  threshold=True))
             return torch.stack(outs).mean() if targets is not None else torch.cat(outs)
-        if isinstance(start_pos, torch.Tensor):
-            positions = start_pos.to(tokens.device).view(-1, 1) + torch.arange(s, device=tokens.device)
-            positions = positions.expand(b, s)
-        else:
-            positions = torch.arange(start_pos, start_pos + s, device=tokens.device).expand(b, s)
-        p = Payload(hidden=tokens, positions=positions, caches=caches, rows=rows, threshold=threshold)
+        if caches is not None and s == 1 and b > 1 and rows is None and active is None:
+            active = torch.ones(b, dtype=torch.bool, device=tokens.device)
+        p = self.payload(tokens, caches=caches, start_pos=start_pos, rows=rows, threshold=threshold, active=active)
         for layer in self.layers:
             p = layer(p)
         if targets is None:
@@ -122,6 +121,17 @@ class Network(nn.Module):
         from parallel.tensor_parallel import vocab_parallel_cross_entropy
 
         return vocab_parallel_cross_entropy(p.hidden, targets).mean()
+
+    @staticmethod
+    def payload(tokens: torch.Tensor, *, start_pos: int | torch.Tensor = 0, **fields) -> Payload:
+        """The payload entering the first layer: token ids and their positions (see forward)."""
+        b, s = tokens.shape
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos.to(tokens.device).view(-1, 1) + torch.arange(s, device=tokens.device)
+            positions = positions.expand(b, s)
+        else:
+            positions = torch.arange(start_pos, start_pos + s, device=tokens.device).expand(b, s)
+        return Payload(hidden=tokens, positions=positions, **fields)
 
     @property
     def subsampled(self) -> bool:

@@ -12,11 +12,12 @@ Upsample + bypass (`)`), with the saved x (length n) and the level's output x_su
     x_up = x;  x_up[kept] = w · x_sub + (1 − w) · x[kept]      (the scorer's gradient path)
     y    = x + c ⊙ (x_up − x),   c per channel, init 0.5, kept within [scale_min(step), 1]
 
-Inference (threshold) batches are ragged: rows keep different numbers of tokens. A batch stays
-rectangular when every row that keeps anything keeps the same count: a one-row chunk (prefill) or
-one new token per row (decode). Rows that keep nothing leave the level (their `rows` too, so the
-inner KV caches never see them); a level that keeps nothing at all passes an empty batch, which
-blocks skip. `)` returns exactly x for every dropped token and row, as the full forward does.
+Inference (threshold) batches are ragged: rows keep different numbers of tokens. A prefill chunk
+runs one row at a time; rows that keep nothing leave the level (their `rows` too, so the inner KV
+caches never see them), and a level that keeps nothing at all passes an empty batch, which blocks
+skip. A decode step (one token per row, the payload's `active` set) keeps every row in the batch
+and masks instead: only active rows' tokens enter the inner caches, and `)` discards the rest. Either
+way `)` returns exactly x for every dropped token and row, as the full forward does.
 """
 from __future__ import annotations
 
@@ -63,8 +64,20 @@ class Subsample(nn.Module):
         self.score = nn.Linear(cfg.d_model, 1, bias=False)
         nn.init.normal_(self.score.weight, std=cfg.init_std)
         self.register_buffer("positive_fraction", torch.zeros(()), persistent=False)  # for logging
-        # threshold (inference) calls add the tokens entering the level and those kept; host ints
-        self.seen = self.kept = 0
+        # threshold (inference) calls add (tokens entering the level, tokens kept) here, in place on
+        # the device: no host sync per call, and a CUDA-graph replay updates the same memory
+        self.register_buffer("counts", torch.zeros(2, dtype=torch.long), persistent=False)
+
+    @property
+    def seen(self) -> int:
+        return int(self.counts[0])
+
+    @property
+    def kept(self) -> int:
+        return int(self.counts[1])
+
+    def reset_counts(self) -> None:
+        self.counts.zero_()
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         return self.score(h).squeeze(-1).float()  # [b, n]
@@ -72,10 +85,9 @@ class Subsample(nn.Module):
     def forward(self, p):
         h = p.hidden
         s = self.scores(h)
-        if s.numel():
-            self.positive_fraction = (s.detach() > 0).float().mean()
         if p.threshold:
             return self._threshold(p, s)
+        self.positive_fraction = (s.detach() > 0).float().mean()
         s = balance(s, target=self.ratio, tolerance=self.sub.balancer_tolerance, abs_min=self.sub.score_abs_min,
                     abs_max=self.sub.score_abs_max, strength=self.sub.balancer_strength)
         k = max(1, math.ceil(h.shape[1] * self.ratio))
@@ -91,11 +103,11 @@ class Subsample(nn.Module):
         """Inference rule: keep token t iff s_t > 0; rows that keep nothing leave the level."""
         h, (cos, sin) = p.hidden, p.rope
         b, n = s.shape
-        if p.caches is not None and n == 1 and b > 1 and p.rows is None:
+        if p.active is not None:
             return self._decode_batch(p, s)
         live, kept = select_positive(s)
-        self.seen += b * n
-        self.kept += kept.numel()
+        self.counts[0] += b * n
+        self.counts[1] += kept.numel()
         rows = p.rows
         if live is not None:  # some rows kept nothing: the level runs on the others only
             rows = (torch.arange(b) if rows is None else rows)[live.cpu()]
@@ -109,16 +121,14 @@ class Subsample(nn.Module):
                           rope=(_gather_tokens(cos, kept, 2), _gather_tokens(sin, kept, 2)), rows=rows,
                           levels=(*p.levels, level))
 
-
     def _decode_batch(self, p, s: torch.Tensor):
-        """A decode step of many rows: every row stays in the batch (no host sync, no row gather);
-        `active` tells the caches which rows keep their token, and `)` discards the others' outputs.
-        At batch 1 the skipping path is taken instead: there, not running the level is the saving."""
-        keep = s[:, 0] > 0
-        entering = p.active if p.active is not None else torch.ones_like(keep)
-        active = entering & keep
-        self.seen = self.seen + entering.sum()  # device counters: read (synced) only by keep_counts
-        self.kept = self.kept + active.sum()
+        """A decode step (one token per row, `active` set): every row stays in the batch (no host
+        sync, no row gather); `active` tells the caches which rows keep their token, and `)` discards
+        the others' outputs. Skipping a level a row dropped is the caller's choice (DecodeStep at
+        batch 1): the level's caches then stay untouched, which is what this path leaves them as."""
+        entering = p.active
+        active = entering & (s[:, 0] > 0)
+        self.counts.add_(torch.stack((entering.sum(), active.sum())))
         weight = s.clamp(0.0, 1.0).unsqueeze(-1).to(p.hidden.dtype)  # [b, 1, 1]
         level = Level(p.hidden, p.positions, p.rope, s.new_empty(0, dtype=torch.long), weight, rows=p.rows,
                       keep=active, active=p.active)

@@ -46,7 +46,7 @@ def tokens(n: int, seed: int, batch: int = 1) -> torch.Tensor:
 
 @torch.no_grad()
 def full(net, seq: torch.Tensor) -> torch.Tensor:
-    return net(seq, threshold=True)
+    return net(seq.to(next(net.parameters()).device), threshold=True)
 
 
 def assert_both_kinds(net) -> None:
@@ -57,7 +57,7 @@ def assert_both_kinds(net) -> None:
 
 def reset_counts(net) -> None:
     for m in levels(net):
-        m.seen = m.kept = 0
+        m.reset_counts()
 
 
 def test_threshold_forward_is_causal():

@@ -1,0 +1,149 @@
+"""One decode step for every row of a batch on static buffers, replayable as CUDA graphs.
+
+After the prefill, generation is a loop of identical steps: one token per row through every layer.
+Run eagerly, such a step is host-bound (a 1.3B model: ~25 ms of Python and kernel launches for
+~1 ms of GPU work), so on a GPU it is captured once as CUDA graphs and replayed.
+
+What makes a step capturable: no shape and no host decision depends on the data. Every cache row
+writes its token at its own end and advances its device-side length in place
+(`KVCache.append_masked`); attention reads each row's valid keys by that length
+(`kernels.decode_attention`); a SUBLLM level masks the rows that dropped their token instead of
+removing them (`Subsample._decode_batch`). The same code runs eagerly on the CPU.
+
+SUBLLM at batch 1: the saving of a dropped token is not running its level at all, so the step is
+cut into segments at the brackets (here `TTTTT(TTTTT(TTTT)TTTTT)TTTTT`):
+
+    [emb T*5 (]  [T*5 (]  [T*4]  [) T*5]  [) T*5 norm head]
+      depth 0     depth 1  depth 2  depth 1   depth 0
+
+After a segment that ends with `(`, the host reads whether the token was kept (one sync, one byte)
+and, if not, skips every following segment deeper than that level. The `)` that closes the level
+then returns the state from before it exactly (its masked path), and the level's caches stay as
+they were, just as after the eager path's skip. At batch > 1 one row's decision cannot skip a
+level for the others, so every segment runs, without a sync. Each segment is one CUDA graph:
+skipping is choosing which graphs to replay.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from pretrain.models.subsample import Subsample, Upsample
+
+
+@dataclass
+class Segment:
+    layers: list[nn.Module]
+    depth: int  # nesting depth of its blocks (a `(` ending it and a `)` starting it count outside)
+    opens: bool  # ends with a `(`: the host may skip the level that follows
+
+    def __call__(self, p):
+        for layer in self.layers:
+            p = layer(p)
+        return p
+
+
+def split_segments(layers) -> list[Segment]:
+    """Cut the flat layer list after every `(` and before every `)`."""
+    out, current, depth = [], [], 0
+    for layer in layers:
+        if isinstance(layer, Upsample):
+            if current:
+                out.append(Segment(current, depth, opens=False))
+                current = []
+            depth -= 1
+        current.append(layer)
+        if isinstance(layer, Subsample):
+            out.append(Segment(current, depth, opens=True))
+            current, depth = [], depth + 1
+    out.append(Segment(current, depth, opens=False))
+    return out
+
+
+class DecodeStep:
+    """`step(tokens [b, 1])` -> this rank's vocab-sharded logits [b, 1, V/T] of the next position.
+
+    caches: the prefilled KVCache of every block; next_pos: host LongTensor [b], the position of
+    each row's next token (its prompt length); max_steps: how many steps will run (caches are
+    trimmed to what that needs). cuda_graphs: capture on the first step, replay afterwards.
+    """
+
+    def __init__(self, model, caches: list, next_pos: torch.Tensor, max_steps: int, *, cuda_graphs: bool):
+        device = next(model.parameters()).device
+        b = len(next_pos)
+        self.model, self.caches, self.max_steps, self.steps = model, caches, max_steps, 0
+        self.tokens = torch.zeros(b, 1, dtype=torch.long, device=device)
+        self.next_pos = next_pos.to(device)
+        self.active = torch.ones(b, dtype=torch.bool, device=device)  # every row decodes
+        for cache in caches:
+            # a SUBLLM level's caches hold only its kept tokens: trim them to what the steps can add
+            cache.shrink(int(cache.lengths.max()) + max_steps)
+            cache.device_lengths()  # from now on advanced in place, on the device
+        self.segments = split_segments(model.layers)
+        self.skip_levels = b == 1 and len(self.segments) > 1
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self.graphs: list[torch.cuda.CUDAGraph] | None = None
+        self.outputs: list = []  # each graph's output payload: static tensors, rewritten by replay
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.steps == self.max_steps:
+            raise ValueError(f"DecodeStep: all {self.max_steps} steps taken (the caches were sized for them)")
+        self.steps += 1
+        self.tokens.copy_(tokens)
+        if not self.cuda_graphs:
+            logits = self._eager(skip=self.skip_levels)
+        elif self.graphs is None:
+            logits = self._first_step_then_capture()
+        else:
+            logits = self._replay()
+        self.next_pos += 1
+        return logits
+
+    def _first_payload(self):
+        return self.model.payload(self.tokens, start_pos=self.next_pos, caches=self.caches, threshold=True,
+                                  active=self.active)
+
+    def _eager(self, skip: bool) -> torch.Tensor:
+        p, skip_deeper_than = self._first_payload(), None
+        for seg in self.segments:
+            if skip_deeper_than is not None and seg.depth > skip_deeper_than:
+                continue  # inside a level that dropped the token: p stays the state entering it
+            skip_deeper_than = None
+            p = seg(p)
+            if skip and seg.opens and not bool(p.active[0]):
+                skip_deeper_than = seg.depth
+        return p.hidden
+
+    def _first_step_then_capture(self) -> torch.Tensor:
+        # The first step runs eagerly on a side stream, every segment (a row that dropped its token
+        # leaves the level's caches untouched on the masked path): it compiles and warms every
+        # kernel the graphs will hold. Capturing then records kernels without running them.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self._eager(skip=False).clone()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graphs, self.outputs, p = [], [], None
+        for i, seg in enumerate(self.segments):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                # each graph reads the previous one's output tensors: replays chain without copies
+                p = seg(self._first_payload() if i == 0 else p)
+            self.graphs.append(graph)
+            self.outputs.append(p)
+        return logits
+
+    def _replay(self) -> torch.Tensor:
+        skip_deeper_than = None
+        for seg, graph, out in zip(self.segments, self.graphs, self.outputs):
+            if skip_deeper_than is not None and seg.depth > skip_deeper_than:
+                continue
+            skip_deeper_than = None
+            # a skipped level leaves stale tensors where its `)` reads the level's output; its
+            # masked path selects the state from before the level for a dropped token instead
+            graph.replay()
+            if self.skip_levels and seg.opens and not bool(out.active[0]):
+                skip_deeper_than = seg.depth
+        return self.outputs[-1].hidden.clone()  # the graph's output buffer is rewritten by the next replay
