@@ -1,5 +1,8 @@
 """Triton kernels, each beside its plain-torch reference (the only package that imports Triton).
 
-Empty in the foundation release: the baseline runs on PyTorch's own kernels (SDPA attention,
-fused AdamW on GPU). The MatMul-free LM and performance work add the first kernels here.
+- `decode_attention.py`: split-KV attention of one decode step over ragged, preallocated KV caches
+  (lengths read on the device, so the step can be replayed as a CUDA graph).
+
+Where Triton is missing (a CPU-only install), every entry point falls back to its reference; the
+tests run the kernels on the CPU under TRITON_INTERPRET=1.
 """
