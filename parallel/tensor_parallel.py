@@ -79,3 +79,11 @@ def tp_size() -> int:
 
 def tp_rank() -> int:
     return ps.get_tensor_model_parallel_rank()
+
+
+def all_reduce_tp(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the tensor-parallel group, in place (identity at TP=1). Generation only: no
+    autograd (training's reductions live inside megatron's layers)."""
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(x, group=ps.get_tensor_model_parallel_group())
+    return x

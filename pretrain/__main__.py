@@ -2,7 +2,8 @@
 
     train          --config launch/configs/NAME.yaml [dotted.key=value ...]   (torchrun for N > 1)
     prepare-data   --input FILES/GLOBS --tokenizer train|PATH --seq-len N --out DIR
-    generate       --checkpoint DIR --prompt TEXT [--prompt TEXT ...]
+    generate       --checkpoint DIR --prompt TEXT [--prompt TEXT ...] [--griffin-density 0.5]
+    eval-griffin   --checkpoint DIR --data DIR   (GRIFFIN vs baselines: perplexity, greedy agreement)
 
 User errors (config, data, checkpoint) print one clear message and exit with code 2; heavy
 libraries are imported only after the arguments are checked.
@@ -59,12 +60,18 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from pretrain.errors import ConfigError
     from pretrain.generate import Generator, SamplingConfig
+    from pretrain.models.griffin import FFSelection
 
+    try:
+        ff = FFSelection(density=args.griffin_density, method=args.griffin_method)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     gen = Generator(args.checkpoint)
     s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        seed=args.seed)
-    texts = gen.generate(args.prompt, s, num_samples=args.num_samples)
+    texts = gen.generate(args.prompt, s, num_samples=args.num_samples, ff=ff)
     if gen.layout.is_rank0:
         for i, t in enumerate(texts):
             print(f"--- sample {i} ---\n{t}")
@@ -72,6 +79,17 @@ def cmd_generate(args) -> int:
             stats = gen.keep_stats()
             print("kept per level (score > 0, prefill + decode): " +
                   ", ".join(f"level {lvl} {frac:.3f}" for lvl, frac in stats.items()))
+    return 0
+
+
+def cmd_eval_griffin(args) -> int:
+    from pretrain import eval_griffin
+
+    rows = eval_griffin.run(args.checkpoint, args.data, num_docs=args.docs, prompt_len=args.prompt_len,
+                            densities=args.densities, methods=args.methods, gen_tokens=args.gen_tokens,
+                            batch=args.batch, out=args.out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(eval_griffin.table(rows))
     return 0
 
 
@@ -107,7 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--griffin-density", type=float, default=1.0,
+                   help="fraction of FF neurons each decoded token uses, chosen per prompt (1.0 = full model)")
+    g.add_argument("--griffin-method", default="griffin", choices=["griffin", "magnitude", "random"],
+                   help="how the neurons are chosen: by the prompt's activations (GRIFFIN) or a baseline")
     g.set_defaults(fn=cmd_generate)
+
+    e = sub.add_parser("eval-griffin", help="continuation perplexity and greedy agreement of GRIFFIN vs baselines")
+    e.add_argument("--checkpoint", required=True, help="run dir, its checkpoints/ dir or a step_* dir")
+    e.add_argument("--data", required=True, help="a prepare-data folder: its val split holds the documents")
+    e.add_argument("--docs", type=int, default=64, help="held-out sequences to evaluate")
+    e.add_argument("--prompt-len", type=int, default=64, help="tokens of each sequence used as the prompt")
+    e.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens compared with the full model's")
+    e.add_argument("--densities", type=float, nargs="+", default=[0.75, 0.5, 0.25])
+    e.add_argument("--methods", nargs="+", default=["griffin", "magnitude", "random"])
+    e.add_argument("--batch", type=int, default=16)
+    e.add_argument("--out", default=None, help="also write the rows as JSON here")
+    e.set_defaults(fn=cmd_eval_griffin)
     return p
 
 

@@ -68,12 +68,14 @@ class DecodeStep:
     caches: the prefilled KVCache of every block; next_pos: host LongTensor [b], the position of
     each row's next token (its prompt length); max_steps: how many steps will run (caches are
     trimmed to what that needs). cuda_graphs: capture on the first step, replay afterwards.
+    experts: GRIFFIN's per-block neurons, already selected (pretrain/models/griffin.py).
     """
 
-    def __init__(self, model, caches: list, next_pos: torch.Tensor, max_steps: int, *, cuda_graphs: bool):
+    def __init__(self, model, caches: list, next_pos: torch.Tensor, max_steps: int, *, cuda_graphs: bool,
+                 experts: list | None = None):
         device = next(model.parameters()).device
         b = len(next_pos)
-        self.model, self.caches, self.max_steps, self.steps = model, caches, max_steps, 0
+        self.model, self.caches, self.experts, self.max_steps, self.steps = model, caches, experts, max_steps, 0
         self.tokens = torch.zeros(b, 1, dtype=torch.long, device=device)
         self.next_pos = next_pos.to(device)
         self.active = torch.ones(b, dtype=torch.bool, device=device)  # every row decodes
@@ -103,7 +105,7 @@ class DecodeStep:
 
     def _first_payload(self):
         return self.model.payload(self.tokens, start_pos=self.next_pos, caches=self.caches, threshold=True,
-                                  active=self.active)
+                                  active=self.active, experts=self.experts)
 
     def _eager(self, skip: bool) -> torch.Tensor:
         p, skip_deeper_than = self._first_payload(), None

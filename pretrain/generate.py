@@ -19,6 +19,7 @@ import torch
 from pretrain import checkpoint as ckpt
 from pretrain.config import config_from_dict
 from pretrain.errors import CheckpointError, ConfigError
+from pretrain.models.griffin import Experts, FFSelection
 
 
 @dataclass
@@ -122,40 +123,58 @@ class Generator:
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor, caches: list | None = None, start_pos: int | torch.Tensor = 0,
-               rows: torch.Tensor | None = None) -> torch.Tensor:
+               rows: torch.Tensor | None = None, experts: list | None = None) -> torch.Tensor:
         """Full-vocabulary fp32 logits [b, s, V] for `tokens` (continuing cache rows `rows` at start_pos).
         Always SUBLLM's inference rule (keep iff score > 0); models without levels ignore it."""
         from parallel.tensor_parallel import gather_vocab
 
         out = self.model(tokens.to(self.layout.device), caches=caches, start_pos=start_pos, rows=rows,
-                         threshold=True)
+                         threshold=True, experts=experts)
         return gather_vocab(out).float()
 
-    @torch.no_grad()
-    def generate_ids(self, prompts: torch.Tensor | list[list[int]], s: SamplingConfig) -> torch.Tensor:
-        """prompts: [b, n] ids, or b lists of ids of any lengths -> generated ids [b, max_new_tokens]."""
+    def prefill(self, prompts, max_new: int, ff: FFSelection | None = None):
+        """Prefill prompts ([b, n] ids or b lists of any lengths) into fresh caches, each into its own
+        row. Returns (last-position logits [b, V], a DecodeStep that continues every row)."""
+        from pretrain.decode_step import DecodeStep
+
         rows = [torch.as_tensor(p, dtype=torch.long).view(-1) for p in prompts]
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
         if not rows or int(lengths.min()) == 0:
             raise ConfigError("generation needs at least one prompt, and no empty prompt")
-        total = int(lengths.max()) + s.max_new_tokens
+        total = int(lengths.max()) + max_new
         if total > self.model.cfg.seq_len:
-            raise ConfigError(f"prompt ({int(lengths.max())}) + max_new_tokens ({s.max_new_tokens}) exceeds the "
+            raise ConfigError(f"prompt ({int(lengths.max())}) + {max_new} new tokens exceeds the "
                               f"model's context of {self.model.cfg.seq_len} tokens")
         for m in self.levels:
             m.reset_counts()
-        gen = torch.Generator(device=self.layout.device).manual_seed(s.seed)
         caches = self.new_caches(len(rows), total)
+        experts = self.new_experts(len(rows), ff) if ff is not None and ff.active else None
         if bool((lengths == lengths[0]).all()):  # one batched prefill (SUBLLM's forward splits it by row)
-            logits = self.logits(torch.stack(rows), caches)[:, -1]
+            logits = self.logits(torch.stack(rows), caches, experts=experts)[:, -1]
         else:  # each prompt alone into its own cache row
-            logits = torch.cat([self.logits(r[None], caches, rows=torch.tensor([i]))[:, -1]
+            logits = torch.cat([self.logits(r[None], caches, rows=torch.tensor([i]), experts=experts)[:, -1]
                                 for i, r in enumerate(rows)])
-        from parallel.tensor_parallel import gather_vocab
-        from pretrain.decode_step import DecodeStep
-
+        if experts is not None:  # GRIFFIN: the prompt chose each row's FF neurons for decoding
+            for e, block in zip(experts, self.model.blocks()):
+                e.select(block.mlp)
         # every row continues at its own position; CUDA graphs on a GPU (see decode_step.py)
-        step = DecodeStep(self.model, caches, lengths, s.max_new_tokens - 1, cuda_graphs=self.cuda_graphs)
+        return logits, DecodeStep(self.model, caches, lengths, max_new, cuda_graphs=self.cuda_graphs,
+                                  experts=experts)
+
+    def new_experts(self, batch: int, ff: FFSelection) -> list:
+        m = self.model.cfg
+        return [Experts(batch, m.ffn_hidden // self.layout.tp_size, ff, layer=i, device=self.layout.device)
+                for i in range(len(self.model.blocks()))]
+
+    @torch.no_grad()
+    def generate_ids(self, prompts: torch.Tensor | list[list[int]], s: SamplingConfig,
+                     ff: FFSelection | None = None) -> torch.Tensor:
+        """prompts: [b, n] ids, or b lists of ids of any lengths -> generated ids [b, max_new_tokens].
+        ff: GRIFFIN (or a baseline) FF selection for the decoded tokens; None = the full model."""
+        from parallel.tensor_parallel import gather_vocab
+
+        logits, step = self.prefill(prompts, s.max_new_tokens - 1, ff)
+        gen = torch.Generator(device=self.layout.device).manual_seed(s.seed)
         out = []
         for i in range(s.max_new_tokens):
             nxt = sample_next(logits, s, gen)
@@ -173,8 +192,9 @@ class Generator:
         the innermost level's share of all tokens is the product along the nesting)."""
         return {lvl: kept / seen for lvl, (seen, kept) in self.keep_counts().items() if seen}
 
-    def generate(self, prompts: str | list[str], s: SamplingConfig, num_samples: int = 1) -> list[str]:
-        """Texts, prompt-major: num_samples continuations of each prompt."""
+    def generate(self, prompts: str | list[str], s: SamplingConfig, num_samples: int = 1,
+                 ff: FFSelection | None = None) -> list[str]:
+        """Texts, prompt-major: num_samples continuations of each prompt (ff: GRIFFIN, see generate_ids)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = []
         for text in prompts:
@@ -182,5 +202,5 @@ class Generator:
             if not enc:
                 raise ConfigError(f"the prompt {text!r} is empty after tokenization")
             ids += [enc] * num_samples
-        new = self.generate_ids(ids, s).tolist()
+        new = self.generate_ids(ids, s, ff).tolist()
         return [prompts[i // num_samples] + self.tokenizer.decode(row) for i, row in enumerate(new)]

@@ -25,5 +25,6 @@ class TransformerBlock(nn.Module):
             return p
         cache = p.caches[self.layer_id] if p.caches is not None else None
         h = p.hidden + self.attn(self.attn_norm(p.hidden), p.rope, cache, p.rows, p.active)
-        h = h + self.mlp(self.mlp_norm(h))
+        experts = p.experts[self.layer_id] if p.experts is not None else None
+        h = h + self.mlp(self.mlp_norm(h), experts, p.rows)
         return p._replace(hidden=h)

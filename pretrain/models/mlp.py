@@ -15,5 +15,12 @@ class SwiGLU(nn.Module):
         self.up = spec.column(d_model, hidden, init_std=init_std)
         self.down = spec.row(hidden, d_model, init_std=out_std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+    def forward(self, x: torch.Tensor, experts=None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """experts: GRIFFIN's per-sequence neurons during generation (griffin.Experts): scored on
+        the prompt (prefill), then the only neurons each decoded token uses."""
+        if experts is not None and experts.ready:
+            return experts.decode(x)
+        z = F.silu(self.gate(x)) * self.up(x)
+        if experts is not None:
+            experts.observe(z, rows)
+        return self.down(z)

@@ -30,6 +30,7 @@ class Payload(NamedTuple):
     threshold: bool = False  # SUBLLM: keep tokens by score > 0 (inference) instead of top-k
     rows: torch.Tensor | None = None  # host LongTensor [b]: the cache rows of hidden's rows (None = 0..b-1)
     active: torch.Tensor | None = None  # SUBLLM batched decode: device bool [b], rows whose token is kept here
+    experts: list | None = None  # GRIFFIN: per-block griffin.Experts during generation
 
 
 class Embedding(nn.Module):
@@ -90,14 +91,15 @@ class Network(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 caches: list | None = None, start_pos: int | torch.Tensor = 0, rows: torch.Tensor | None = None,
-                threshold: bool = False, active: torch.Tensor | None = None) -> torch.Tensor:
+                threshold: bool = False, active: torch.Tensor | None = None,
+                experts: list | None = None) -> torch.Tensor:
         """threshold=True: SUBLLM's inference rule (keep iff score > 0).
 
         Generation: `caches` (one KVCache per block), `rows` the cache rows of tokens' rows (host
         LongTensor [b]; None = 0..b-1) and `start_pos` the position of tokens[:, 0], an int or one
         per row (LongTensor [b]) when the rows' caches hold different lengths. `active` (device
         bool [b], all true): a decode step of every row on the sync-free path (see DecodeStep);
-        a one-token step of a whole batch takes it anyway."""
+        a one-token step of a whole batch takes it anyway. `experts`: GRIFFIN's per-block state."""
         b, s = tokens.shape
         if rows is not None:
             rows = rows.cpu()
@@ -109,11 +111,12 @@ class Network(nn.Module):
                 sp = start_pos[i:i + 1] if isinstance(start_pos, torch.Tensor) else start_pos
                 outs.append(self(tokens[i:i + 1], None if targets is None else targets[i:i + 1], caches=caches,
                                  start_pos=sp, rows=torch.tensor([i]) if rows is None else rows[i:i + 1],
-                                 threshold=True))
+                                 threshold=True, experts=experts))
             return torch.stack(outs).mean() if targets is not None else torch.cat(outs)
         if caches is not None and s == 1 and b > 1 and rows is None and active is None:
             active = torch.ones(b, dtype=torch.bool, device=tokens.device)
-        p = self.payload(tokens, caches=caches, start_pos=start_pos, rows=rows, threshold=threshold, active=active)
+        p = self.payload(tokens, caches=caches, start_pos=start_pos, rows=rows, threshold=threshold, active=active,
+                         experts=experts)
         for layer in self.layers:
             p = layer(p)
         if targets is None:

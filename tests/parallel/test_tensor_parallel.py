@@ -28,3 +28,13 @@ def test_tp2_matches_tp1(tmp_path):
         torch.testing.assert_close(a["full"], b["full"], rtol=1e-4, atol=1e-5)
         assert b["spread"] == 0.0, f"{key}: replicated parameters got different gradients on the TP ranks"
     assert any("score" in n for n in tp1["subllm"]["grads"]) and any("bypass" in n for n in tp1["subllm"]["grads"])
+
+    # GRIFFIN: per-token norms span the shards, so TP=2 scores every neuron as TP=1 does; each rank then
+    # keeps its own top-(k/2), which is TP=1's choice under the same rule (top-k/2 of each contiguous half)
+    for key in ("tie=False", "subllm"):
+        g1, g2 = tp1[key]["griffin"], tp2[key]["griffin"]["plain"]
+        for s1, s2 in zip(g1["plain"]["scores"], g2["scores"]):
+            torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(g1["halves"]["index"], g2["index"]))
+        torch.testing.assert_close(g1["halves"]["logits"], g2["logits"], rtol=1e-4, atol=1e-5)
+        assert not all(torch.equal(a, b) for a, b in zip(g1["plain"]["index"], g2["index"]))  # documented difference

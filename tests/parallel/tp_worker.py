@@ -61,8 +61,48 @@ def main(out: str) -> None:
                 steps.append(gather_vocab(net(tokens[:, i:i + 1], caches=caches, start_pos=i, threshold=sub)))
             cached = torch.cat(steps, dim=1)
         results[key] = {"loss": loss.detach(), "grads": grads, "full": full, "cached": cached, "spread": spread}
+        if key != "tie=True":
+            results[key]["griffin"] = griffin(net, layout, group, tokens)
     if layout.rank == 0:
         torch.save(results, out)
+
+
+@torch.no_grad()
+def griffin(net, layout, group, tokens) -> dict:
+    """GRIFFIN at density 0.5 on a ragged batch: global neuron scores, the selected (global) neurons
+    and teacher-forced decode logits. At TP=1 also with TP=2's rule (top-k/2 of each contiguous half)."""
+    from pretrain.decode_step import DecodeStep
+    from pretrain.generate import Generator
+    from pretrain.models.griffin import FFSelection
+
+    from parallel.tensor_parallel import gather_vocab
+
+    gen = Generator.from_model(net, dtype=torch.float32)
+    prompts = [tokens[0, :9], tokens[1, :5], tokens[2, :12]]
+    out = {}
+    for rule in ["plain", "halves"] if layout.tp_size == 1 else ["plain"]:
+        experts, caches = gen.new_experts(3, FFSelection(density=0.5)), gen.new_caches(3, 16)
+        for i, p in enumerate(prompts):
+            gen.logits(p[None], caches, rows=torch.tensor([i]), experts=experts)
+        f_local = experts[0].scores.shape[1]
+        scores = [gather_dim1(e.scores, group) for e in experts]  # megatron shards neurons contiguously
+        for e, block, s in zip(experts, net.blocks(), scores):
+            index = None
+            if rule == "halves":
+                index = torch.cat([h.topk(e.k // 2, dim=1).indices + j * h.shape[1]
+                                   for j, h in enumerate(s.chunk(2, dim=1))], dim=1)
+            e.select(block.mlp, index)
+        index = [gather_dim1(e.index + layout.tp_rank * f_local, group).sort(dim=1).values for e in experts]
+        step = DecodeStep(net, caches, torch.tensor([9, 5, 12]), 4, cuda_graphs=False, experts=experts)
+        logits = torch.stack([gather_vocab(step(tokens[:, 12 + j:13 + j]))[:, -1] for j in range(4)], dim=1)
+        out[rule] = {"scores": scores, "index": index, "logits": logits}
+    return out
+
+
+def gather_dim1(t: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
 
 
 if __name__ == "__main__":
