@@ -88,7 +88,10 @@ def griffin(net, layout, group, tokens) -> dict:
         scores = [gather_dim1(e.scores, group) for e in experts]  # megatron shards neurons contiguously
         for e, block, s in zip(experts, net.blocks(), scores):
             index = None
-            if rule == "halves":
+            if rule == "halves":  # (a row whose SUBLLM level kept none of its prompt: magnitude, as select does)
+                mlp = block.mlp
+                magnitude = (mlp.gate.weight.norm(dim=1) * mlp.up.weight.norm(dim=1)).expand_as(s)
+                s = torch.where((s > 0).any(dim=1, keepdim=True), s, magnitude)
                 index = torch.cat([h.topk(e.k // 2, dim=1).indices + j * h.shape[1]
                                    for j, h in enumerate(s.chunk(2, dim=1))], dim=1)
             e.select(block.mlp, index)
