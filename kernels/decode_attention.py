@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
@@ -49,11 +48,12 @@ def decode_attention_reference(q, k, v, lengths):
 
 def decode_attention(q, k, v, lengths, *, use_triton: bool | None = None, num_splits: int | None = None):
     """Attention of q [b, h, 1, hd] over k/v [b, kvh, cap, hd] limited to lengths [b] (int64, on
-    q's device). Returns [b, h, 1, hd] in q's dtype. ``use_triton=None``: Triton on CUDA or under
-    TRITON_INTERPRET=1 when triton is installed, else the reference. ``num_splits`` overrides the
-    split heuristic (tests, tuning)."""
+    q's device). Returns [b, h, 1, hd] in q's dtype. ``use_triton=None``: the Triton kernel on CUDA
+    (where triton is installed), else the reference; ``use_triton=True`` on the CPU runs the kernel
+    under Triton's interpreter (tests: TRITON_INTERPRET=1 before triton is imported).
+    ``num_splits`` overrides the split heuristic (tests, tuning)."""
     if use_triton is None:
-        use_triton = triton is not None and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+        use_triton = triton is not None and q.is_cuda
     if not use_triton:
         return decode_attention_reference(q, k, v, lengths)
     if triton is None:

@@ -1,11 +1,20 @@
 """Session fixtures shared by the whole suite."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.helpers import stdlib_files
+# Without a GPU, Triton kernels run under its interpreter. @triton.jit picks interpreter or compiler
+# when it decorates (at import, of triton's own helpers too), so the switch is set before anything
+# imports triton (megatron-core and DeepSpeed do). Production dispatch never runs Triton on the CPU;
+# kernel tests ask for it with use_triton=True.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests.helpers import stdlib_files  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,10 @@ class KVCache:
     """Keys/values of one attention layer for generation: [b, kv_heads_local, max_len, hd].
 
     Every cache row has its own length: prompts of different lengths share one batch, and SUBLLM's
-    subsampled levels store only the tokens each row kept there. The lengths and the `rows` that
-    an append applies to live on the host (CPU): they follow from shapes and from decisions the
-    host has already made, so reading them never waits on the device.
+    subsampled levels store only the tokens each row kept there. During the prefill (`append`) the
+    lengths and the `rows` an append applies to live on the host: they follow from shapes and from
+    decisions the host has already made, so reading them never waits on the device. Decode steps
+    (`append_masked`) move them to the device, where they advance in place without a sync.
     """
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, *, dtype, device):
@@ -56,9 +57,12 @@ class KVCache:
         return self.k, self.v, visible
 
     def shrink(self, capacity: int) -> None:
-        """Drop the positions past `capacity` (after a prefill: SUBLLM's inner levels hold fewer tokens)."""
+        """Drop the positions past `capacity` (after a prefill: SUBLLM's inner levels hold fewer tokens).
+        A cache already that small is left as it is (no copy)."""
         if capacity < int(self.lengths.max()):
             raise ValueError(f"KV cache shrink to {capacity} positions would drop cached tokens")
+        if capacity >= self.k.shape[2]:
+            return
         self.k = self.k[:, :, :capacity].clone()
         self.v = self.v[:, :, :capacity].clone()
 

@@ -84,24 +84,28 @@ class Experts:
         """Choose each row's k neurons (or take `index` [b, k], local neuron ids) and gather their
         gate/up rows and down columns."""
         w_gate, w_up, w_down = mlp.gate.weight, mlp.up.weight, mlp.down.weight  # [f, d], [f, d], [d, f]
-        b, f = self.scores.shape
-        if index is not None:
-            scores = torch.zeros(b, f, device=self.scores.device).scatter_(1, index.to(self.scores.device), 1.0)
-        elif self.sel.method in ("griffin", "magnitude"):
-            magnitude = (w_gate.float().norm(dim=1) * w_up.float().norm(dim=1)).expand(b, f)
-            scores = magnitude
-            if self.sel.method == "griffin":
-                # a SUBLLM level may keep none of a prompt's tokens: that row falls back to magnitude
-                scores = torch.where((self.scores > 0).any(dim=1, keepdim=True), self.scores, magnitude)
-        else:  # random: a fixed stream per (seed, layer, rank), a different draw per row
-            from parallel.tensor_parallel import tp_rank
-
-            gen = torch.Generator().manual_seed(self.sel.seed * 1_000_003 + self.layer * 101 + tp_rank())
-            scores = torch.rand(b, f, generator=gen).to(self.scores.device)
-        self.index = scores.topk(self.k, dim=1).indices.sort(dim=1).values
+        if index is None:
+            index = self.ranking(mlp).topk(self.k, dim=1).indices
+        self.index = index.to(w_gate.device).sort(dim=1).values
         self.gate, self.up = w_gate[self.index], w_up[self.index]  # [b, k, d]
         self.down = w_down.t()[self.index]  # [b, k, d]: down's columns as rows
         self.scores = None  # prompt scores are not needed once the neurons are chosen
+
+    @torch.no_grad()
+    def ranking(self, mlp) -> torch.Tensor:
+        """[b, d_ff/T]: what the method ranks this rank's neurons by, per row (before `select`)."""
+        w_gate, w_up = mlp.gate.weight, mlp.up.weight
+        b, f = self.scores.shape
+        if self.sel.method == "random":  # a fixed stream per (seed, layer, rank), a different draw per row
+            from parallel.tensor_parallel import tp_rank
+
+            gen = torch.Generator().manual_seed(self.sel.seed * 1_000_003 + self.layer * 101 + tp_rank())
+            return torch.rand(b, f, generator=gen).to(self.scores.device)
+        magnitude = (w_gate.float().norm(dim=1) * w_up.float().norm(dim=1)).expand(b, f)
+        if self.sel.method == "magnitude":
+            return magnitude
+        # a SUBLLM level may keep none of a prompt's tokens: that row falls back to magnitude
+        return torch.where((self.scores > 0).any(dim=1, keepdim=True), self.scores, magnitude)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, s, d] -> the GLU output with each row's own neurons (all-reduced over TP)."""

@@ -1,71 +1,19 @@
 """Split-KV decode attention: the Triton kernel against its reference, the reference against SDPA.
 
-Without a GPU the kernels run under Triton's interpreter. @triton.jit picks interpreter or compiler
-when it decorates: at the import of kernels.decode_attention, and of triton itself (its own tl.max /
-tl.sum helpers are jitted), so TRITON_INTERPRET=1 must be set before triton is first imported. Triton
-also reads it again at launch, so an autouse fixture keeps it set during each test. It is set only
-around the import and inside this module's tests: it does not leak into other test modules or their
-subprocesses. Where another module imported triton first (pretrain imports this kernel), the
-interpreter cannot run in this process, and one test reruns this file in a fresh one instead.
-On a CUDA machine it is never set and the same tests run the compiled kernels.
+Without a GPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+before triton is imported); on a CUDA machine the same tests run the compiled kernels.
 """
 from __future__ import annotations
-
-import importlib
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import REPO, run, subprocess_env
+import kernels.decode_attention as da
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-# can the Triton tests run in this process: compiled on CUDA, or triton not yet imported uninterpreted
-IN_PROCESS = CUDA or os.environ.get("TRITON_INTERPRET") == "1" or "triton" not in sys.modules
-
-
-def _import_kernels():
-    saved = os.environ.get("TRITON_INTERPRET")
-    if not CUDA:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        return importlib.import_module("kernels.decode_attention")
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-
-
-da = _import_kernels()
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-PREIMPORTED = "triton was imported before TRITON_INTERPRET=1: test_triton_in_fresh_process runs this"
-
-
-@pytest.fixture
-def needs_triton():
-    pytest.importorskip("triton")
-    if not IN_PROCESS:
-        pytest.skip(PREIMPORTED)
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the Triton tests run in this process")
-def test_triton_in_fresh_process():
-    pytest.importorskip("triton")
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-rs"]
-    proc = run(cmd, env=subprocess_env(TRITON_INTERPRET="1"), cwd=REPO, timeout=300)
-    assert proc.returncode == 0 and PREIMPORTED not in proc.stdout, proc.stdout
+needs_triton = pytest.mark.skipif(da.triton is None, reason="triton is not installed")
 
 
 def _inputs(b, h, kvh, cap, hd, lengths, *, seed=0, dtype=torch.float32):
@@ -100,9 +48,10 @@ def test_reference_matches_sdpa_on_valid_prefix(case):
             torch.testing.assert_close(out[r, j].double(), want, atol=1e-5, rtol=1e-5)
 
 
+@needs_triton
 @pytest.mark.parametrize("num_splits", [None, 1, 3, 8])  # 8 on cap 200: splits that start past cap
 @pytest.mark.parametrize("case", list(CASES))
-def test_triton_matches_reference(needs_triton, case, num_splits):
+def test_triton_matches_reference(case, num_splits):
     b, h, kvh, cap, hd, lengths = CASES[case]
     q, k, v, lens = _inputs(b, h, kvh, cap, hd, lengths)
     out = da.decode_attention(q, k, v, lens, use_triton=True, num_splits=num_splits)
@@ -110,11 +59,14 @@ def test_triton_matches_reference(needs_triton, case, num_splits):
     torch.testing.assert_close(out, da.decode_attention_reference(q, k, v, lens), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_half_precision(needs_triton, dtype):
+# bf16 is a GPU check: Triton's CPU interpreter multiplies bf16 tl.dot operands as raw bits
+BF16_ON_GPU = pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="GPU check")])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, BF16_ON_GPU])
+def test_triton_half_precision(dtype):
     """16-bit inputs: the kernel rounds the probabilities to the input dtype for the second dot."""
-    if dtype == torch.bfloat16 and not CUDA:
-        pytest.skip("the triton interpreter multiplies bf16 tl.dot operands as raw bits")
     b, h, kvh, cap, hd, lengths = CASES["gqa"]
     q, k, v, lens = _inputs(b, h, kvh, cap, hd, lengths, dtype=dtype)
     out = da.decode_attention(q, k, v, lens, use_triton=True, num_splits=3)
@@ -123,10 +75,8 @@ def test_triton_half_precision(needs_triton, dtype):
     torch.testing.assert_close(out, da.decode_attention_reference(q, k, v, lens), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("use_triton", [False, True])
-def test_garbage_past_length_never_changes_output(request, use_triton):
-    if use_triton:
-        request.getfixturevalue("needs_triton")
+@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=needs_triton)])
+def test_garbage_past_length_never_changes_output(use_triton):
     b, h, kvh, cap, hd, lengths = CASES["gqa"]
     q, k, v, lens = _inputs(b, h, kvh, cap, hd, lengths)
     clean = da.decode_attention(q, k, v, lens, use_triton=use_triton, num_splits=3 if use_triton else None)
@@ -140,7 +90,8 @@ def test_garbage_past_length_never_changes_output(request, use_triton):
         assert torch.equal(dirty, clean), garbage
 
 
-def test_split_heuristic(needs_triton):
+@needs_triton
+def test_split_heuristic():
     # batch 1, 8 kv heads, long cache: enough splits for ~2 programs per SM, capped at MAX_SPLITS
     assert da._num_splits(8, 32768, 132) == 33
     assert da._num_splits(1, 32768, 132) == da.MAX_SPLITS
@@ -152,24 +103,21 @@ def test_split_heuristic(needs_triton):
 
 
 def test_dispatch(monkeypatch):
-    """use_triton=None: Triton on CUDA or under TRITON_INTERPRET=1 (where triton is installed)."""
+    """use_triton=None: the kernel on CUDA tensors (where triton is installed), the reference on the
+    CPU even under the interpreter (generation on a CPU must not crawl through it)."""
     calls = []
     monkeypatch.setattr(da, "_decode_attention_triton", lambda *a: calls.append(a) or a[0])
     q, k, v, lens = _inputs(*CASES["mha"])
-    has_triton = da.triton is not None
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     da.decode_attention(q, k, v, lens, use_triton=False)
     assert len(calls) == 0
     da.decode_attention(q, k, v, lens)
-    assert len(calls) == int(CUDA and has_triton)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    da.decode_attention(q, k, v, lens)
-    assert len(calls) == int(CUDA and has_triton) + int(has_triton)
+    assert len(calls) == int(CUDA and da.triton is not None)
 
 
+@needs_triton
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_cuda_graph_replay_follows_device_lengths(needs_triton):
+def test_cuda_graph_replay_follows_device_lengths():
     """One capture serves every decode step: only the lengths tensor changes between replays."""
     b, h, kvh, cap, hd = 2, 32, 8, 4096, 128
     q, k, v, lens = _inputs(b, h, kvh, cap, hd, [1, 1], dtype=torch.bfloat16)

@@ -86,14 +86,12 @@ def griffin(net, layout, group, tokens) -> dict:
             gen.logits(p[None], caches, rows=torch.tensor([i]), experts=experts)
         f_local = experts[0].scores.shape[1]
         scores = [gather_dim1(e.scores, group) for e in experts]  # megatron shards neurons contiguously
-        for e, block, s in zip(experts, net.blocks(), scores):
+        for e, block in zip(experts, net.blocks()):
             index = None
-            if rule == "halves":  # (a row whose SUBLLM level kept none of its prompt: magnitude, as select does)
-                mlp = block.mlp
-                magnitude = (mlp.gate.weight.norm(dim=1) * mlp.up.weight.norm(dim=1)).expand_as(s)
-                s = torch.where((s > 0).any(dim=1, keepdim=True), s, magnitude)
+            if rule == "halves":  # TP=2's rule at TP=1: the top-k/2 of each contiguous half
+                ranking = e.ranking(block.mlp)
                 index = torch.cat([h.topk(e.k // 2, dim=1).indices + j * h.shape[1]
-                                   for j, h in enumerate(s.chunk(2, dim=1))], dim=1)
+                                   for j, h in enumerate(ranking.chunk(2, dim=1))], dim=1)
             e.select(block.mlp, index)
         index = [gather_dim1(e.index + layout.tp_rank * f_local, group).sort(dim=1).values for e in experts]
         step = DecodeStep(net, caches, torch.tensor([9, 5, 12]), 4, cuda_graphs=False, experts=experts)
