@@ -4,6 +4,7 @@
     prepare-data   --input FILES/GLOBS --tokenizer train|PATH --seq-len N --out DIR
     generate       --checkpoint DIR --prompt TEXT [--prompt TEXT ...] [--griffin-density 0.5]
     eval-griffin   --checkpoint DIR --data DIR   (GRIFFIN vs baselines: perplexity, greedy agreement)
+    export-ternary --checkpoint DIR --out DIR    (a ternary model as 2-bit packed codes + scales)
 
 User errors (config, data, checkpoint) print one clear message and exit with code 2; heavy
 libraries are imported only after the arguments are checked.
@@ -68,7 +69,7 @@ def cmd_generate(args) -> int:
         ff = FFSelection(density=args.griffin_density, method=args.griffin_method)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    gen = Generator(args.checkpoint)
+    gen = Generator(args.checkpoint, packed=args.packed)
     s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        seed=args.seed)
     texts = gen.generate(args.prompt, s, num_samples=args.num_samples, ff=ff)
@@ -90,6 +91,16 @@ def cmd_eval_griffin(args) -> int:
                             batch=args.batch, out=args.out)
     if int(os.environ.get("RANK", "0")) == 0:
         print(eval_griffin.table(rows))
+    return 0
+
+
+def cmd_export_ternary(args) -> int:
+    from pretrain.export import export_ternary
+
+    summary = export_ternary(args.checkpoint, args.out, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"packed {summary['layers']} ternary layers ({summary['packed_bytes'] / 2**20:.2f} MiB of codes, "
+              f"scales and norms per rank, TP={summary['tp']}) into {args.out}")
     return 0
 
 
@@ -129,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of FF neurons each decoded token uses, chosen per prompt (1.0 = full model)")
     g.add_argument("--griffin-method", default="griffin", choices=["griffin", "magnitude", "random"],
                    help="how the neurons are chosen: by the prompt's activations (GRIFFIN) or a baseline")
+    g.add_argument("--packed", action="store_true",
+                   help="ternary models: decode with 2-bit packed weights and int8 kernels (exports always do)")
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("eval-griffin", help="continuation perplexity and greedy agreement of GRIFFIN vs baselines")
@@ -142,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=int, default=16)
     e.add_argument("--out", default=None, help="also write the rows as JSON here")
     e.set_defaults(fn=cmd_eval_griffin)
+
+    x = sub.add_parser("export-ternary", help="write a ternary checkpoint as 2-bit packed codes + scales")
+    x.add_argument("--checkpoint", required=True, help="run dir, its checkpoints/ dir or a step_* dir")
+    x.add_argument("--out", required=True, help="the export folder (generate --checkpoint loads it)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    x.set_defaults(fn=cmd_export_ternary)
     return p
 
 

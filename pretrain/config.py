@@ -51,9 +51,10 @@ class SubsampleConfig(Section):
 
 
 class ModelConfig(Section):
-    arch: Literal["llama", "subllm"] = "llama"  # model family; a checkpoint only loads into the same family
+    arch: Literal["llama", "subllm", "hgrnbit"] = "llama"  # model family; a checkpoint only loads into the same family
     # One character per block, over the block registry (pretrain/models/structure.py): "TTTT" is
-    # four LLaMA blocks; "(" / ")" open and close a subsampled level (SUBLLM).
+    # four LLaMA blocks, "HHHH" four HGRN-Bit blocks (MLGRU + GLU); "(" / ")" open and close a
+    # subsampled level (SUBLLM).
     structure: str = "TTTT"
     d_model: int = 256
     n_heads: int = 4
@@ -65,7 +66,11 @@ class ModelConfig(Section):
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    linear: Literal["dense"] = "dense"  # linear-layer implementation picked by the layer spec
+    linear: Literal["dense", "ternary"] = "dense"  # linear-layer implementation picked by the layer spec
+    # ternary (BitLinear, docs/matmulfree.md): the LM head is ternary too (the reference) unless this is off
+    quantize_head: bool = True
+    bitlinear_eps: float = 1e-8  # eps of each BitLinear's input RMSNorm (the reference's value)
+    bitlinear_fused: bool = True  # fused kernels, int8 codes saved; false = the unfused reference graph
     init_std: float = 0.02  # output projections use init_std / sqrt(2 * n_blocks)
     subsample: SubsampleConfig = SubsampleConfig()
 
@@ -102,6 +107,11 @@ class ModelConfig(Section):
         if self.subsample.keep_ratios is not None and len(self.subsample.keep_ratios) != levels:
             raise ValueError(f"subsample.keep_ratios has {len(self.subsample.keep_ratios)} entries, the "
                              f"structure has {levels} levels")
+        if self.linear == "ternary" and self.quantize_head and self.tie_embeddings:
+            raise ValueError("a ternary head cannot be tied to the embedding: set tie_embeddings=false or "
+                             "quantize_head=false")
+        if ("H" in self.structure) != (self.arch == "hgrnbit"):
+            raise ValueError("arch: hgrnbit goes with HGRN-Bit blocks 'H' in the structure, and only with them")
         if levels and self.arch != "subllm":
             raise ValueError("a structure with subsampled levels '(...)' needs arch: subllm")
         return self
@@ -283,6 +293,8 @@ def check_layout(cfg: RunConfig, world_size: int) -> int:
         raise ConfigError(
             f"model.n_kv_heads={m.kv_heads} is not divisible by parallel.tensor={p.tensor}"
         )
+    if m.arch == "hgrnbit" and m.d_model % p.tensor:
+        raise ConfigError(f"model.d_model={m.d_model} (MLGRU channels) is not divisible by parallel.tensor={p.tensor}")
     if m.ffn_hidden % p.tensor:
         raise ConfigError(f"model.ffn_hidden={m.ffn_hidden} is not divisible by parallel.tensor={p.tensor}")
     dp = world_size // (p.tensor * p.pipeline)

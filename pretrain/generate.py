@@ -63,7 +63,9 @@ def _model_state(path: Path, meta: dict, tp_rank: int) -> dict[str, torch.Tensor
 class Generator:
     """Load a checkpoint for inference. `checkpoint`: a run dir, its checkpoints/ dir or a step_* dir."""
 
-    def __init__(self, checkpoint: str | Path, *, dtype: torch.dtype | None = None):
+    def __init__(self, checkpoint: str | Path, *, dtype: torch.dtype | None = None, packed: bool = False):
+        """packed: a ternary model decodes with 2-bit packed weights (int8 × ternary kernels) instead of
+        its fake-quantized latent weights; a packed export (pretrain/export.py) always does."""
         path = Path(checkpoint)
         for candidate in (path, path / "checkpoints"):
             if (candidate / ckpt.META).is_file():
@@ -82,14 +84,27 @@ class Generator:
         from pretrain.data import load_tokenizer
         from pretrain.models import build_network
 
+        from parallel.bitlinear import pack_bitlinears
+        from pretrain import export
+
+        self.packed = packed or meta.get("format") == export.FORMAT
+        if self.packed and self.cfg.model.linear != "ternary":
+            raise ConfigError(f"{path}: packed weights need a ternary model (model.linear is "
+                              f"{self.cfg.model.linear!r})")
         layout = init_distributed(self.cfg.parallel.tensor)
         torch.manual_seed(0)
         model = build_network(self.cfg.model)
-        state = _model_state(path, meta, layout.tp_rank)
+        if meta.get("format") == export.FORMAT:  # codes and scales as exported: load them as they are
+            pack_bitlinears(model, quantize=False)
+            state = export.load_packed_state(path, layout.tp_rank)
+        else:
+            state = _model_state(path, meta, layout.tp_rank)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:4]}, "
                                   f"unexpected {unexpected[:4]})")
+        if self.packed and meta.get("format") != export.FORMAT:  # latent weights: quantize them once, here
+            pack_bitlinears(model)
         self.path = path
         self._setup(model, layout, load_tokenizer(path / "tokenizer.json"), dtype)
 
@@ -100,7 +115,7 @@ class Generator:
         from parallel.tensor_parallel import tp_size
 
         self = cls.__new__(cls)
-        self.cfg, self.path = None, None
+        self.cfg, self.path, self.packed = None, None, False
         self._setup(model, init_distributed(tp_size()), tokenizer, dtype)
         return self
 
@@ -114,12 +129,9 @@ class Generator:
         self.cuda_graphs = layout.device.type == "cuda"  # decode steps replayed as CUDA graphs
 
     def new_caches(self, batch: int, max_len: int) -> list:
-        from pretrain.models.attention import KVCache
-
-        m = self.model.cfg
-        kv_local = m.kv_heads // self.layout.tp_size
-        return [KVCache(batch, kv_local, max_len, m.head_dim, dtype=self.dtype, device=self.layout.device)
-                for _ in self.model.blocks()]
+        """One generation cache per block: a KV cache (attention) or a recurrent state (HGRN-Bit)."""
+        return [block.new_cache(batch, max_len, dtype=self.dtype, device=self.layout.device)
+                for block in self.model.blocks()]
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor, caches: list | None = None, start_pos: int | torch.Tensor = 0,
@@ -163,6 +175,9 @@ class Generator:
 
     def new_experts(self, batch: int, ff: FFSelection) -> list:
         m = self.model.cfg
+        if m.linear != "dense":
+            raise ConfigError("GRIFFIN selects neurons of dense GLUs; ternary (model.linear: ternary) GLUs "
+                              "are not supported yet")
         return [Experts(batch, m.ffn_hidden // self.layout.tp_size, ff, layer=i, device=self.layout.device)
                 for i in range(len(self.model.blocks()))]
 

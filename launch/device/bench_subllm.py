@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
@@ -42,44 +41,11 @@ def build(name: str, seq: int):
     return cfg, build_network(cfg.model).cuda()
 
 
-def cuda_time(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return times
-
-
 def bench_train(name: str, seq: int, micro_batch: int, grad_accum: int, steps: int, warmup: int) -> dict:
-    from parallel import zero
-    from pretrain.optim import build_optimizer, build_scheduler
+    from train_bench import bench_train as measure  # beside this script
 
     cfg, model = build(name, seq)
-    opt = build_optimizer(model, cfg.optimizer, fused=True)
-    ds = zero.engine_config(micro_batch=micro_batch, grad_accum=grad_accum, zero_stage=1, bf16=True, grad_clip=1.0)
-    engine = zero.initialize(model, opt, build_scheduler(opt, cfg), ds)
-    engine.module.set_step(10**6)  # bypass floor at its final value (irrelevant for speed)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    batch = torch.randint(0, cfg.model.vocab_size, (micro_batch, seq + 1), device="cuda", generator=gen)
-
-    def step():
-        for _ in range(grad_accum):
-            engine.backward(engine(batch[:, :-1], batch[:, 1:]))
-        engine.step()
-
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = cuda_time(step, steps)
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    t = statistics.median(times)
-    return {"step_s": t, "tokens_per_s": micro_batch * grad_accum * seq / t, "peak_gib": peak,
-            "micro_batch": micro_batch, "grad_accum": grad_accum}
+    return measure(cfg, model, micro_batch=micro_batch, grad_accum=grad_accum, steps=steps, warmup=warmup)
 
 
 def run_one(kind: str, name: str, seq: int, args) -> dict:

@@ -1,6 +1,6 @@
 """Decode throughput of a model through the generation engine (KV caches; for SUBLLM per-level
-caches under the inference rule keep iff score > 0; the decode step replayed as CUDA graphs).
-Used by bench_subllm.py.
+caches under the inference rule keep iff score > 0; HGRN-Bit's recurrent states; the decode step
+replayed as CUDA graphs). Used by bench_subllm.py and bench_matmulfree.py.
 
 An untrained SUBLLM scorer keeps ~50% of a level's tokens; a trained one keeps the keep ratio
 (the balancer holds the positive-score fraction there). `calibrate` shifts each level's scores by
@@ -63,7 +63,7 @@ def bench_decode(cfg, model, *, batch: int, prompt_len: int, new_tokens: int, re
             feed = torch.randint(0, cfg.model.vocab_size, (batch, new_tokens), device=device, generator=g)
             step = DecodeStep(model, caches, torch.full((batch,), prompt_len), new_tokens,
                               cuda_graphs=mode == "graphs")
-            kv_bytes = sum(2 * c.k.numel() * c.k.element_size() for c in caches)  # after DecodeStep's trim
+            kv_bytes = sum(c.nbytes() for c in caches)  # after DecodeStep's trim (HGRN-Bit: recurrent states)
             if mode == "eager" and not results:  # kernels launched by one step, for the profile
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                     step(feed[:, :1])

@@ -56,6 +56,9 @@ class KVCache:
         pos.add_(active.long())  # in place: a graph replay reads and writes the same memory
         return self.k, self.v, visible
 
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
     def shrink(self, capacity: int) -> None:
         """Drop the positions past `capacity` (after a prefill: SUBLLM's inner levels hold fewer tokens).
         A cache already that small is left as it is (no copy)."""

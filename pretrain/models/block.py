@@ -28,3 +28,8 @@ class TransformerBlock(nn.Module):
         experts = p.experts[self.layer_id] if p.experts is not None else None
         h = h + self.mlp(self.mlp_norm(h), experts, p.rows)
         return p._replace(hidden=h)
+
+    def new_cache(self, batch: int, max_len: int, *, dtype, device):
+        from pretrain.models.attention import KVCache
+
+        return KVCache(batch, self.attn.kv_heads, max_len, self.attn.head_dim, dtype=dtype, device=device)

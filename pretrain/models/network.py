@@ -37,11 +37,12 @@ class Embedding(nn.Module):
     def __init__(self, cfg, spec):
         super().__init__()
         self.tok = spec.embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        # RoPE tables are computed once here and shared by every attention block (none: HGRN-Bit)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base) if "T" in cfg.structure else None
 
     def forward(self, p: Payload) -> Payload:
-        # RoPE tables are computed once here and shared by every block
-        return p._replace(hidden=self.tok(p.hidden), rope=self.rotary(p.positions))
+        rope = self.rotary(p.positions) if self.rotary is not None else None
+        return p._replace(hidden=self.tok(p.hidden), rope=rope)
 
 
 class FinalNorm(nn.Module):
@@ -58,7 +59,7 @@ class Head(nn.Module):
 
     def __init__(self, cfg, spec, tied: Embedding | None):
         super().__init__()
-        self.proj = spec.column(cfg.d_model, cfg.vocab_size, init_std=cfg.init_std, skip_weight=tied is not None)
+        self.proj = spec.head(cfg.d_model, cfg.vocab_size, init_std=cfg.init_std, skip_weight=tied is not None)
         self._tied = [tied] if tied is not None else None  # a list: not registered twice as a submodule
 
     def forward(self, p: Payload) -> Payload:
@@ -68,7 +69,7 @@ class Head(nn.Module):
 
 def build_layers(cfg) -> list[nn.Module]:
     """The flat layer list from the structure string: blocks, and Subsample/Upsample for brackets."""
-    spec = layer_spec(cfg.linear)
+    spec = layer_spec(cfg)
     emb = Embedding(cfg, spec)
     body = []
     for item in parse_structure(cfg.structure):

@@ -78,8 +78,10 @@ def count_levels(structure: str) -> int:
 
 def _register_builtin() -> None:
     from pretrain.models.block import TransformerBlock
+    from pretrain.models.hgrnbit import HGRNBlock
 
     register_block("T")(TransformerBlock)
+    register_block("H")(HGRNBlock)
 
 
 _register_builtin()

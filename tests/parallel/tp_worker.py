@@ -1,5 +1,6 @@
 """torchrun worker: loss, logical (gathered) gradients and cached-decode logits of one model at a
-given TP size. Usage: tp_worker.py OUT.pt"""
+given TP size, for LLaMA, SUBLLM and ternary HGRN-Bit / LLaMA models (fused and unfused BitLinear,
+and the packed-weight inference form). Usage: tp_worker.py OUT.pt"""
 import os
 import sys
 
@@ -24,14 +25,18 @@ def main(out: str) -> None:
 
     from parallel.tensor_parallel import gather_vocab
     from pretrain.models import build_network
-    from pretrain.models.attention import KVCache
+    from parallel.bitlinear import pack_bitlinears
 
     layout = init_distributed(int(os.environ["WORLD_SIZE"]))  # every rank in one TP group
     group = ps.get_tensor_model_parallel_group()
     results = {}
     variants = {"tie=False": dict(structure="TTT"), "tie=True": dict(structure="TTT", tie_embeddings=True),
                 # SUBLLM: two nested levels; init_std 0.1 puts scores on both sides of zero
-                "subllm": dict(arch="subllm", structure="T(T(T)T)T", init_std=0.1)}
+                "subllm": dict(arch="subllm", structure="T(T(T)T)T", init_std=0.1),
+                # MatMul-free LM: ternary MLGRU + GLU blocks; the head ternary too (the reference)
+                "hgrnbit": dict(arch="hgrnbit", structure="HHH", linear="ternary"),
+                "hgrnbit-unfused": dict(arch="hgrnbit", structure="HHH", linear="ternary", bitlinear_fused=False),
+                "llama-ternary": dict(structure="TT", linear="ternary", quantize_head=False, tie_embeddings=True)}
     for key, extra in variants.items():
         cfg = ModelConfig(d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=256, seq_len=16, **extra)
         sub = cfg.arch == "subllm"
@@ -54,14 +59,19 @@ def main(out: str) -> None:
         # cached decode: prefill 10 tokens, then 6 single-token steps; compare to one full forward
         with torch.no_grad():
             full = gather_vocab(net(tokens[:, :16], threshold=sub))
-            caches = [KVCache(3, cfg.kv_heads // layout.tp_size, 16, cfg.head_dim, dtype=torch.float32,
-                              device="cpu") for _ in range(cfg.n_blocks)]
+            caches = [b.new_cache(3, 16, dtype=torch.float32, device="cpu") for b in net.blocks()]
             steps = [gather_vocab(net(tokens[:, :10], caches=caches, threshold=sub))]
             for i in range(10, 16):
                 steps.append(gather_vocab(net(tokens[:, i:i + 1], caches=caches, start_pos=i, threshold=sub)))
             cached = torch.cat(steps, dim=1)
         results[key] = {"loss": loss.detach(), "grads": grads, "full": full, "cached": cached, "spread": spread}
-        if key != "tie=True":
+        if cfg.linear == "ternary":  # 2-bit packed weights + int8 kernels: the same logits as fake quantization
+            torch.manual_seed(0)
+            packed = build_network(cfg)  # the same seed: the same weights
+            assert pack_bitlinears(packed) > 0
+            with torch.no_grad():
+                results[key]["packed"] = gather_vocab(packed(tokens[:, :16]))
+        if key in ("tie=False", "subllm"):
             results[key]["griffin"] = griffin(net, layout, group, tokens)
     if layout.rank == 0:
         torch.save(results, out)

@@ -1,0 +1,92 @@
+"""The HGRN-Bit block ('H' in a structure string): the MatMul-free LM's MLGRU token mixer and GLU
+channel mixer, both residual, with pre-RMSNorm (docs/matmulfree.md).
+
+    f_t = σ(x_t W_f)        c_t = SiLU(x_t W_c)        h_t = f_t ⊙ h_{t−1} + (1 − f_t) ⊙ c_t
+    g_t = σ(x_t W_g)        o_t = (g_t ⊙ h_t) W_o                          (MLGRU, the paper's eq.)
+    GLU(x) = W_down (SiLU(x W_gate) ⊙ x W_up)
+
+Every W is a linear from the layer spec: ternary BitLinear under `model.linear: ternary` (each owns
+the RMSNorm of its input), dense otherwise. The recurrence is element-wise per channel, so tensor
+parallelism splits the channels: W_f, W_c, W_g are column-parallel, each rank scans its own channels,
+and W_o is row-parallel. Training scans the whole sequence in parallel (kernels/scan.py);
+generation carries h (O(d) per layer, no KV cache) and advances it one token at a time.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.scan import linear_scan, recurrent_step
+from pretrain.models.layers import RMSNorm
+from pretrain.models.mlp import SwiGLU
+
+
+class RecurrentState:
+    """The MLGRU state of one layer during generation: h [b, channels_local], fp32 whatever the model's
+    dtype (it accumulates over the whole sequence). Its size does not grow with the sequence."""
+
+    def __init__(self, batch: int, channels: int, *, device):
+        self.h = torch.zeros(batch, channels, dtype=torch.float32, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long)  # tokens consumed per row (host; prefill only)
+
+    def shrink(self, capacity: int) -> None:  # the decode-step interface of a KV cache: nothing to trim
+        pass
+
+    def device_lengths(self) -> torch.Tensor:
+        return self.lengths
+
+    def nbytes(self) -> int:
+        return self.h.numel() * self.h.element_size()
+
+
+class MLGRU(nn.Module):
+    def __init__(self, d_model: int, *, spec, init_std: float, out_std: float):
+        super().__init__()
+        self.channels = d_model // spec.tp_size  # this rank's channels of h
+        self.f = spec.column(d_model, d_model, init_std=init_std)  # forget gate
+        self.c = spec.column(d_model, d_model, init_std=init_std)  # candidate state
+        self.g = spec.column(d_model, d_model, init_std=init_std)  # output gate
+        self.o = spec.row(d_model, d_model, init_std=out_std)
+
+    def forward(self, x: torch.Tensor, state: RecurrentState | None = None, rows: torch.Tensor | None = None,
+                active: torch.Tensor | None = None) -> torch.Tensor:
+        """x [b, s, d]. With a state: x's rows are state rows `rows` (None = all); `active` (device
+        bool [b]) marks a decode step, advanced in place (CUDA-graph safe) for the active rows."""
+        f = torch.sigmoid(self.f(x))
+        a, b = f, (1 - f) * F.silu(self.c(x))
+        if state is not None and active is not None:  # one token per row: h ← f ⊙ h + (1 − f) ⊙ c
+            h = recurrent_step(state.h, a[:, 0].float(), b[:, 0].float(), active=active)[:, None].to(x.dtype)
+        else:
+            h0 = None if state is None else (state.h if rows is None else state.h[rows.to(state.h.device)])
+            h, h_last = linear_scan(a, b, h0)
+            if state is not None:
+                idx = torch.arange(len(state.h)) if rows is None else rows
+                state.h.index_copy_(0, idx.to(state.h.device), h_last.float())
+                state.lengths[idx] += x.shape[1]
+        return self.o(torch.sigmoid(self.g(x)) * h)
+
+
+class HGRNBlock(nn.Module):
+    def __init__(self, cfg, spec, *, layer_id: int, n_blocks: int):
+        super().__init__()
+        self.layer_id = layer_id  # index into the generation states
+        out_std = cfg.init_std / math.sqrt(2 * n_blocks)
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = MLGRU(cfg.d_model, spec=spec, init_std=cfg.init_std, out_std=out_std)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden, spec=spec, init_std=cfg.init_std, out_std=out_std)
+
+    def forward(self, p):
+        if p.hidden.numel() == 0:  # inside a SUBLLM level that kept no token on this call
+            return p
+        state = p.caches[self.layer_id] if p.caches is not None else None
+        h = p.hidden + self.mixer(self.mixer_norm(p.hidden), state, p.rows, p.active)
+        experts = p.experts[self.layer_id] if p.experts is not None else None
+        h = h + self.mlp(self.mlp_norm(h), experts, p.rows)
+        return p._replace(hidden=h)
+
+    def new_cache(self, batch: int, max_len: int, *, dtype, device) -> RecurrentState:
+        return RecurrentState(batch, self.mixer.channels, device=device)
