@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from kernels.scan import linear_scan, recurrent_step
 from pretrain.models.layers import RMSNorm
-from pretrain.models.mlp import SwiGLU
+from pretrain.models.mlp import SwiGLU, upcast
 
 
 class RecurrentState:
@@ -42,6 +42,36 @@ class RecurrentState:
         return self.h.numel() * self.h.element_size()
 
 
+class _GateInputs(torch.autograd.Function):
+    """(f_pre, c_pre) -> (a, b) = (σ(f_pre), (1 − σ(f_pre)) ⊙ SiLU(c_pre)), the scan's inputs. Saves
+    a (which the scan keeps anyway: one tensor) and c_pre; autograd would also keep 1 − f and SiLU(c)."""
+
+    @staticmethod
+    def forward(ctx, f_pre, c_pre):
+        a = torch.sigmoid(f_pre)
+        ctx.save_for_backward(a, c_pre)
+        return a, (1 - a) * F.silu(c_pre)
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_b):
+        a, c = (upcast(t) for t in ctx.saved_tensors)
+        grad_a = torch.zeros_like(a) if grad_a is None else upcast(grad_a)
+        grad_b = torch.zeros_like(a) if grad_b is None else upcast(grad_b)
+        sig_c = torch.sigmoid(c)
+        silu_c = c * sig_c
+        grad_f = (grad_a - grad_b * silu_c) * a * (1 - a)
+        grad_c = grad_b * (1 - a) * sig_c * (1 + c * (1 - sig_c))
+        dtype = ctx.saved_tensors[1].dtype
+        return grad_f.to(dtype), grad_c.to(dtype)
+
+
+def gate_inputs(f_pre: torch.Tensor, c_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.is_grad_enabled():
+        return _GateInputs.apply(f_pre, c_pre)
+    a = torch.sigmoid(f_pre)
+    return a, (1 - a) * F.silu(c_pre)
+
+
 class MLGRU(nn.Module):
     def __init__(self, d_model: int, *, spec, init_std: float, out_std: float):
         super().__init__()
@@ -55,8 +85,7 @@ class MLGRU(nn.Module):
                 active: torch.Tensor | None = None) -> torch.Tensor:
         """x [b, s, d]. With a state: x's rows are state rows `rows` (None = all); `active` (device
         bool [b]) marks a decode step, advanced in place (CUDA-graph safe) for the active rows."""
-        f = torch.sigmoid(self.f(x))
-        a, b = f, (1 - f) * F.silu(self.c(x))
+        a, b = gate_inputs(self.f(x), self.c(x))  # f_t and (1 − f_t) ⊙ c_t
         if state is not None and active is not None:  # one token per row: h ← f ⊙ h + (1 − f) ⊙ c
             h = recurrent_step(state.h, a[:, 0].float(), b[:, 0].float(), active=active)[:, None].to(x.dtype)
         else:

@@ -149,3 +149,59 @@ def test_train_export_and_generate_packed(tiny_data, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == before
     twice = cli("export-ternary", "--checkpoint", str(out), "--out", str(tmp_path / "x"))
     assert twice.returncode == 2 and "already a packed export" in twice.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_kernels_in_the_model():
+    """On the GPU the model runs the Triton kernels: fused ≡ unfused (loss, grads), packed ≡ fake-quant
+    logits, and the packed model's CUDA-graph decode step ≡ eager at bf16, on a ternary HGRN-Bit."""
+    torch.manual_seed(0)
+    seq = tokens(33, seed=2, batch=4).cuda()
+    grads = {}
+    for fused in (True, False):
+        net = build("HHH", bitlinear_fused=fused).cuda().train()
+        loss = net(seq[:, :-1], seq[:, 1:])
+        loss.backward()
+        grads[fused] = (loss.detach(), {n: p.grad for n, p in net.named_parameters()})
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-4, atol=1e-5)
+    for n, g in grads[True][1].items():
+        torch.testing.assert_close(g, grads[False][1][n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+    # fp32: the integer sums are exact on both paths; the scales γ/s are applied in different orders
+    # (fp64 epilogue vs fp32 multiply), and a last-bit difference that lands on a rounding boundary
+    # of the next layer's activation quantization moves one int8 code by 1: rare, small, not zero
+    net, packed = build("HHH").cuda().eval(), build("HHH").cuda()
+    pack_bitlinears(packed)
+    with torch.no_grad():
+        a, b = packed(seq), net(seq)
+    assert torch.isclose(a, b, rtol=1e-4, atol=1e-4).float().mean() > 0.95
+    assert (a - b).abs().max() < 2e-2
+    packed = packed.bfloat16()
+    prompts = [seq[0, :9].cpu(), seq[1, :5].cpu()]
+    s = SamplingConfig(max_new_tokens=10, temperature=0)
+    gen = Generator.from_model(packed, dtype=torch.bfloat16)
+    graphs = gen.generate_ids(prompts, s)
+    gen.cuda_graphs = False
+    assert torch.equal(gen.generate_ids(prompts, s), graphs)
+
+
+def test_memory_lean_elementwise_functions_match_autograd():
+    """The MLGRU's gate inputs and the GLU's silu ⊙ up save fewer tensors than autograd would; their
+    gradients are autograd's (float64)."""
+    from pretrain.models.hgrnbit import _GateInputs
+    from pretrain.models.mlp import _SiluMul
+
+    torch.manual_seed(0)
+    f, c = (torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    ga, gb = torch.randn(3, 7, 16, dtype=torch.float64), torch.randn(3, 7, 16, dtype=torch.float64)
+    a, b = _GateInputs.apply(f, c)
+    grads = torch.autograd.grad((a * ga).sum() + (b * gb).sum(), (f, c))
+    a_ref = torch.sigmoid(f)
+    b_ref = (1 - a_ref) * F.silu(c)
+    torch.testing.assert_close((a, b), (a_ref, b_ref))
+    torch.testing.assert_close(grads, torch.autograd.grad((a_ref * ga).sum() + (b_ref * gb).sum(), (f, c)))
+    z = _SiluMul.apply(f, c)
+    torch.testing.assert_close(z, F.silu(f) * c)
+    torch.testing.assert_close(torch.autograd.grad((z * ga).sum(), (f, c)),
+                               torch.autograd.grad((F.silu(f) * c * ga).sum(), (f, c)))
