@@ -96,7 +96,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--one", nargs=3, metavar=("KIND", "VARIANT", "SEQ"), help=argparse.SUPPRESS)
     ap.add_argument("--memory-seq", type=int, default=2048, help="context of the fused vs unfused comparison")
-    ap.add_argument("--memory-micro-tokens", type=int, default=8192, help="tokens per micro-batch there")
+    ap.add_argument("--memory-micro-tokens", type=int, nargs="+", default=[8192, 16384],
+                    help="tokens per micro-batch there (activations grow with it; weights and states do not)")
     ap.add_argument("--speed-seq", type=int, default=4096, help="context of HGRN-Bit vs LLaMA")
     ap.add_argument("--micro-tokens", type=int, default=16384)
     ap.add_argument("--tokens-per-step", type=int, default=65536)
@@ -115,9 +116,10 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "args": vars(args)}
     if "memory" not in args.skip:
-        micro = args.micro_tokens
-        args.micro_tokens = args.memory_micro_tokens
-        res["memory"] = {v: run_one("train", v, args.memory_seq, args) for v in ("fused", "unfused")}
+        micro, res["memory"] = args.micro_tokens, {}
+        for tokens in args.memory_micro_tokens:
+            args.micro_tokens = tokens
+            res["memory"][str(tokens)] = {v: run_one("train", v, args.memory_seq, args) for v in ("fused", "unfused")}
         args.micro_tokens = micro
         print("memory", json.dumps(res["memory"]), flush=True)
     if "speed" not in args.skip:
@@ -139,11 +141,14 @@ def table(res: dict) -> str:
         rows.append(f"| {label} | {fmt(a)} | {fmt(b)} | {b / a:.2f}× |")
 
     gib, ms = "{:.1f} GiB".format, "{:.0f} ms".format
-    if all("error" not in r for r in res.get("memory", {}).values()) and "memory" in res:
-        u, f = res["memory"]["unfused"], res["memory"]["fused"]
-        row("train peak memory (unfused → fused BitLinear)", u["peak_gib"], f["peak_gib"], gib)
-        row("train activation memory (unfused → fused)", u["activation_gib"], f["activation_gib"], gib)
-        row("train step (unfused → fused)", u["step_s"] * 1e3, f["step_s"] * 1e3, ms)
+    for tokens, m in res.get("memory", {}).items():
+        if any("error" in r for r in m.values()):
+            continue
+        u, f = m["unfused"], m["fused"]
+        at = f"{int(tokens) // 1024}k tokens/micro-batch"
+        row(f"train peak memory, {at} (unfused → fused BitLinear)", u["peak_gib"], f["peak_gib"], gib)
+        row(f"train activation memory, {at} (unfused → fused)", u["activation_gib"], f["activation_gib"], gib)
+        row(f"train step, {at} (unfused → fused)", u["step_s"] * 1e3, f["step_s"] * 1e3, ms)
     if all("error" not in r for r in res.get("speed", {}).values()) and "speed" in res:
         a, b = res["speed"]["llama"], res["speed"]["fused"]
         row("train tokens/s (LLaMA-1.3B → HGRN-Bit-1.3B)", a["tokens_per_s"], b["tokens_per_s"], "{:,.0f}".format)
