@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from kernels.scan import linear_scan, recurrent_step
 from pretrain.models.layers import RMSNorm
-from pretrain.models.mlp import SwiGLU, upcast
+from pretrain.models.mlp import SwiGLU
 
 
 class RecurrentState:
@@ -40,6 +40,11 @@ class RecurrentState:
 
     def nbytes(self) -> int:
         return self.h.numel() * self.h.element_size()
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 for element-wise backward math (bf16 stays bf16 only in storage)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class _GateInputs(torch.autograd.Function):

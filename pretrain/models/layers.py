@@ -7,9 +7,7 @@ import torch.nn.functional as F
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * w, replicated on every tensor-parallel rank. torch's kernel accumulates in fp32
-    whatever x's dtype, so x is passed as it is: an fp32 copy of a bf16 input would be what autograd
-    saves (twice the bytes, in every block)."""
+    """x / rms(x) * w, computed in fp32. Replicated on every tensor-parallel rank."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -17,7 +15,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
 class Rotary(nn.Module):
