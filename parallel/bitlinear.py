@@ -89,7 +89,7 @@ class BitLinearFunction(torch.autograd.Function):
         out = F.linear(codes.to(dtype), w_codes.to(dtype))
         out = (out.float() * (gamma / scale)[:, None]).to(dtype)
         ctx.save_for_backward(x2, norm_weight, w_codes, gamma, scale, rstd)
-        ctx.n, ctx.red = n, red
+        ctx.n, ctx.red, ctx.w_dtype = n, red, weight.dtype
         return out
 
     @staticmethod
@@ -103,7 +103,7 @@ class BitLinearFunction(torch.autograd.Function):
         # recompute x̃ (int8 codes from the saved input) instead of having stored it
         x_q = kb.dequantize_rows(kb.quantize_rows(x2, norm_weight, rstd, scale), scale, dtype)
         grad_w = g.t() @ x_q  # STE: W̃'s gradient goes to the latent weight
-        return grad_x, grad_norm.to(norm_weight.dtype), grad_w.to(dtype), None, None, None
+        return grad_x, grad_norm.to(norm_weight.dtype), grad_w.to(ctx.w_dtype), None, None, None
 
 
 class _AllReduceSum(torch.autograd.Function):
