@@ -9,6 +9,7 @@
 - `ternary_matmul.py`: 2-bit packed ternary weights (4 per byte) and the int8 × ternary matmul
   with int32 accumulation (decode GEMV and prefill GEMM).
 
-Where Triton is missing (a CPU-only install), every entry point falls back to its reference; the
-tests run the kernels on the CPU under TRITON_INTERPRET=1.
+`dispatch.py` holds what they share: the choice between kernel and reference (`use_triton`) and the
+GPU's SM count. Where Triton is missing (a CPU-only install), every entry point falls back to its
+reference; the tests run the kernels on the CPU under TRITON_INTERPRET=1.
 """

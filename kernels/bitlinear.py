@@ -28,9 +28,10 @@ sums agree (always, when the sums are exact).
 """
 from __future__ import annotations
 
-import functools
 
 import torch
+
+from kernels import dispatch
 
 try:  # CPU production installs have no triton: everything falls back to the reference
     import triton
@@ -49,14 +50,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., D] -> [M, D] with a contiguous last dim (a view when possible)."""
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _use_triton(use_triton, x):
-    if use_triton is None:
-        return triton is not None and x.is_cuda
-    if use_triton and triton is None:
-        raise RuntimeError("bitlinear kernels: use_triton=True needs triton, which is not installed")
-    return use_triton
 
 
 # ---------------------------------------------------------------- references (plain torch)
@@ -112,7 +105,7 @@ def dequantize_rows(codes, scale, dtype):
 
 def row_stats(x, weight, *, use_triton: bool | None = None):
     """(sum over the last dim of x^2, max over the last dim of |x*weight|), fp32 [...]."""
-    if not _use_triton(use_triton, x):
+    if not dispatch.use_triton(use_triton, x, "row_stats"):
         return row_stats_reference(x, weight)
     x2 = _rows(x)
     sumsq = torch.empty(x2.shape[0], device=x.device, dtype=torch.float32)
@@ -125,7 +118,7 @@ def row_stats(x, weight, *, use_triton: bool | None = None):
 
 def quantize_rows(x, weight, rstd, scale, *, use_triton: bool | None = None):
     """int8 codes clamp(round(x * weight * rstd * scale), -128, 127), rounding half to even."""
-    if not _use_triton(use_triton, x):
+    if not dispatch.use_triton(use_triton, x, "quantize_rows"):
         return quantize_rows_reference(x, weight, rstd, scale)
     x2 = _rows(x)
     codes = torch.empty(x2.shape, device=x.device, dtype=torch.int8)
@@ -141,7 +134,7 @@ def rmsnorm_quant(x, weight, eps, *, n=None, reduce=None, use_triton: bool | Non
     """RMSNorm then per-row int8 quantization: (codes int8 [..., D], scale fp32 [...], rstd fp32 [...]).
     ``n``: the logical row length (the full hidden size when x is a tensor-parallel slice);
     ``reduce(sumsq, amax)``: combines the row stats across ranks in place (sum, max)."""
-    if not _use_triton(use_triton, x):
+    if not dispatch.use_triton(use_triton, x, "rmsnorm_quant"):
         return rmsnorm_quant_reference(x, weight, eps, n, reduce)
     n = x.shape[-1] if n is None else n
     if reduce is not None:  # the reduction has to sit between stats and codes: two kernels
@@ -164,7 +157,7 @@ def rmsnorm_quant(x, weight, eps, *, n=None, reduce=None, use_triton: bool | Non
 def rmsnorm_backward(x, weight, rstd, grad_y, *, n=None, reduce=None, use_triton: bool | None = None):
     """STE backward of y = x * rstd * w: (grad_x in x.dtype, grad_weight fp32 [D]).
     ``reduce(dot)``: sums the per-row dot(grad_y * w, x) across ranks in place."""
-    if not _use_triton(use_triton, x):
+    if not dispatch.use_triton(use_triton, x, "rmsnorm_backward"):
         return rmsnorm_backward_reference(x, weight, rstd, grad_y, n, reduce)
     n = x.shape[-1] if n is None else n
     x2, dy2 = _rows(x), _rows(grad_y)
@@ -179,7 +172,7 @@ def rmsnorm_backward(x, weight, rstd, grad_y, *, n=None, reduce=None, use_triton
         reduce(dot.view(x.shape[:-1]))  # in place, shaped like the reference's
     # a bounded number of programs, each looping over row blocks: the fp32 grad_weight partials
     # are [programs, D], never [rows, D]
-    programs = min(grid[0], 2 * _num_sms(x.device))
+    programs = min(grid[0], 2 * dispatch.num_sms(x.device))
     grad_x = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
     partial_w = torch.empty(programs, d, device=x.device, dtype=torch.float32)
     if programs:
@@ -206,13 +199,6 @@ def weight_codes(weight, *, reduce=None):
 
 
 # ---------------------------------------------------------------- Triton
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # interpreter: pretend to be an H100/H200 so the launch shapes match the GPU's
-
 
 def _launch(x2):
     """Grid and meta-parameters: a tile of BLOCK_M whole rows (BLOCK_D = D padded to a power of 2)."""

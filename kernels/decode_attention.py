@@ -16,10 +16,11 @@ keys past it; no host sync, no ``.item()``, nothing shaped by the lengths' value
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
+
+from kernels import dispatch
 
 try:  # CPU production installs have no triton: everything falls back to the reference
     import triton
@@ -52,20 +53,9 @@ def decode_attention(q, k, v, lengths, *, use_triton: bool | None = None, num_sp
     (where triton is installed), else the reference; ``use_triton=True`` on the CPU runs the kernel
     under Triton's interpreter (tests: TRITON_INTERPRET=1 before triton is imported).
     ``num_splits`` overrides the split heuristic (tests, tuning)."""
-    if use_triton is None:
-        use_triton = triton is not None and q.is_cuda
-    if not use_triton:
+    if not dispatch.use_triton(use_triton, q, "decode_attention"):
         return decode_attention_reference(q, k, v, lengths)
-    if triton is None:
-        raise RuntimeError("decode_attention(use_triton=True) needs triton, which is not installed")
     return _decode_attention_triton(q, k, v, lengths, num_splits)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # interpreter: pretend to be an H100/H200 so the heuristic matches the GPU's
 
 
 def _num_splits(batch_heads: int, cap: int, num_sms: int) -> int:
@@ -85,7 +75,7 @@ def _decode_attention_triton(q, k, v, lengths, num_splits=None):
     q = q.contiguous()  # small; the cache is never copied
     group = h // kvh
     if num_splits is None:
-        num_splits = _num_splits(b * kvh, cap, _num_sms(q.device))
+        num_splits = _num_splits(b * kvh, cap, dispatch.num_sms(q.device))
         # round each split up to whole key blocks, then drop splits that would start past cap
         chunk = triton.cdiv(triton.cdiv(cap, num_splits), BLOCK_N) * BLOCK_N
         num_splits = triton.cdiv(cap, chunk)

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels import dispatch
+
 try:  # CPU production installs have no triton: everything falls back to the reference
     import triton
     import triton.language as tl
@@ -132,12 +134,8 @@ def linear_scan(a, b, h0=None, *, use_triton: bool | None = None, chunk: int | N
     (where triton is installed), else the reference; ``use_triton=True`` on the CPU runs them under
     Triton's interpreter (tests: TRITON_INTERPRET=1 before triton is imported). ``chunk`` and
     ``block_d`` (powers of two) override the tile shape (tests, tuning)."""
-    if use_triton is None:
-        use_triton = triton is not None and a.is_cuda
-    if not use_triton:
+    if not dispatch.use_triton(use_triton, a, "linear_scan"):
         return linear_scan_reference(a, b, h0, chunk=chunk or CHUNK)
-    if triton is None:
-        raise RuntimeError("linear_scan(use_triton=True) needs triton, which is not installed")
     return _linear_scan_triton(a, b, h0, chunk, block_d)
 
 

@@ -36,10 +36,11 @@ reaches 200-530 int8 TOPS, 1.4-3x bf16 cuBLAS's time: unpacking each weight tile
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
+
+from kernels import dispatch
 
 try:  # CPU production installs have no triton: everything falls back to the reference
     import triton
@@ -136,21 +137,10 @@ def ternary_matmul(x_codes, x_scale, packed, gamma, *, out_dtype=torch.bfloat16,
     ``use_triton=None``: the Triton kernel on CUDA (where triton is installed), else the reference;
     ``use_triton=True`` on the CPU runs the kernel under Triton's interpreter (tests).
     ``split_k`` overrides the K-split heuristic (tests, tuning)."""
-    if use_triton is None:
-        use_triton = triton is not None and x_codes.is_cuda
-    if not use_triton:
+    if not dispatch.use_triton(use_triton, x_codes, "ternary_matmul"):
         return ternary_matmul_reference(x_codes, x_scale, packed, gamma, out_dtype=out_dtype)
-    if triton is None:
-        raise RuntimeError("ternary_matmul(use_triton=True) needs triton, which is not installed")
     _check(x_codes, x_scale, packed)
     return _ternary_matmul_triton(x_codes, x_scale, packed, gamma, out_dtype, split_k)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # interpreter: pretend to be an H100/H200 so the heuristic matches the GPU's
 
 
 def _config(m: int) -> dict:
@@ -191,7 +181,7 @@ def _ternary_matmul_triton(x_codes, x_scale, packed, gamma, out_dtype, split_k=N
     cfg = _config(m)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    splits = split_k or _split_k(tiles, k, _num_sms(x.device))
+    splits = split_k or _split_k(tiles, k, dispatch.num_sms(x.device))
     # each split a whole number of K blocks; drop splits that would start past K
     chunk = triton.cdiv(triton.cdiv(max(k, 1), splits), bk) * bk
     splits = triton.cdiv(max(k, 1), chunk)

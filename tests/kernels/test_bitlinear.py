@@ -114,7 +114,7 @@ def test_row_stats_and_quantize_rows_triton_match_reference(dtype):
 @DTYPES
 @pytest.mark.parametrize("sms", [132, 1])  # 1 SM: 2 programs loop over 4 row blocks each
 def test_rmsnorm_backward_triton_matches_reference(dtype, sms, monkeypatch):
-    monkeypatch.setattr(bl, "_num_sms", lambda device: sms)
+    monkeypatch.setattr(bl.dispatch, "num_sms", lambda device: sms)
     x, w, gy = _randn(8, 16, 200, dtype=dtype), _weight(200), _randn(8, 16, 200, seed=3, dtype=dtype)
     _, _, rstd = bl.rmsnorm_quant_reference(x, w, EPS)
     gx, gw = bl.rmsnorm_backward(x, w, rstd, gy, use_triton=True)
