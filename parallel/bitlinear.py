@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
@@ -85,9 +86,10 @@ class BitLinearFunction(torch.autograd.Function):
         dtype = x2.dtype
         codes, scale, rstd = kb.rmsnorm_quant(x2, norm_weight, eps, n=n, reduce=red.row_stats)
         w_codes, gamma = kb.weight_codes(weight, reduce=red.weight)
-        # integer codes times integer codes: exact in bf16 inputs with fp32 accumulation
+        # integer codes times integer codes: exact in bf16 inputs with fp32 accumulation; the scaling
+        # runs in fp32 inside the in-place multiply, no fp32 copy of the output
         out = F.linear(codes.to(dtype), w_codes.to(dtype))
-        out = (out.float() * (gamma / scale)[:, None]).to(dtype)
+        out.mul_((gamma / scale)[:, None])
         ctx.save_for_backward(x2, norm_weight, w_codes, gamma, scale, rstd)
         ctx.n, ctx.red, ctx.w_dtype = n, red, weight.dtype
         return out
@@ -97,32 +99,14 @@ class BitLinearFunction(torch.autograd.Function):
         x2, norm_weight, w_codes, gamma, scale, rstd = ctx.saved_tensors
         dtype = x2.dtype
         g = grad_out.to(dtype)
-        # STE: the gradient w.r.t. the quantized activation is the one w.r.t. the normalized input
-        grad_y = ctx.red.grad_input((g @ w_codes.to(dtype)).float() * gamma)
+        # STE: the gradient w.r.t. the quantized activation is the one w.r.t. the normalized input;
+        # kept in the activation dtype, like megatron's input-gradient all-reduce
+        grad_y = ctx.red.grad_input((g @ w_codes.to(dtype)).mul_(gamma))
         grad_x, grad_norm = kb.rmsnorm_backward(x2, norm_weight, rstd, grad_y, n=ctx.n, reduce=ctx.red.row_dot)
         # recompute x̃ (int8 codes from the saved input) instead of having stored it
         x_q = kb.dequantize_rows(kb.quantize_rows(x2, norm_weight, rstd, scale), scale, dtype)
         grad_w = g.t() @ x_q  # STE: W̃'s gradient goes to the latent weight
         return grad_x, grad_norm.to(norm_weight.dtype), grad_w.to(ctx.w_dtype), None, None, None
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over TP ranks whose every rank's result feeds rank-local computation: the gradient of
-    each rank's addend is the sum of all ranks' gradients (megatron's reduce region assumes the
-    consumers are replicated and passes the gradient through)."""
-
-    @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        t = t.clone()
-        torch.distributed.all_reduce(t, group=group)
-        return t
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad, group=ctx.group)
-        return grad, None
 
 
 def fake_quant_reference(x, norm_weight, weight, eps: float, n: int, red: Reductions):
@@ -132,9 +116,11 @@ def fake_quant_reference(x, norm_weight, weight, eps: float, n: int, red: Reduct
     xf = x.float()
     sumsq = xf.pow(2).sum(-1, keepdim=True)
     if red.sharded_input:
-        sumsq = _AllReduceSum.apply(sumsq, red.group)
+        # every rank's rstd scales its own slice: the gradient of each addend is the sum over ranks
+        # (torch's differentiable all-reduce; megatron's reduce region passes the gradient through)
+        sumsq = dist_nn.all_reduce(sumsq, group=red.group)
     y = (xf * torch.rsqrt(sumsq / n + eps) * norm_weight.float()).to(x.dtype)
-    if red.size > 1 and not red.sharded_input:
+    if not red.sharded_input:  # (identity at TP=1)
         y = copy_to_tensor_model_parallel_region(y)  # all-reduces the gradient of the replicated y
     with torch.no_grad():
         amax = y.float().abs().amax(-1, keepdim=True)
@@ -225,13 +211,12 @@ class PackedBitLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         codes, scale, _ = kb.rmsnorm_quant(x2, self.norm_weight, self.eps, n=self.n, reduce=self.red.row_stats)
         out = ternary_matmul(codes, scale, self.packed, self.gamma, out_dtype=x.dtype)
-        out = out.view(*x.shape[:-1], -1)
-        if self.red.sharded_input and self.red.size > 1:
+        if self.red.sharded_input:  # partial sums of a row-parallel layer
             torch.distributed.all_reduce(out, group=self.red.group)
-        return out
+        return out.view(*x.shape[:-1], -1)
 
     def nbytes(self) -> int:
-        return self.packed.numel() + 4 + self.norm_weight.numel() * 4
+        return self.packed.numel() + 4 + self.norm_weight.numel() * self.norm_weight.element_size()
 
 
 def pack_bitlinears(model: nn.Module, *, quantize: bool = True) -> int:
