@@ -65,7 +65,7 @@ def split_segments(layers) -> list[Segment]:
 class DecodeStep:
     """`step(tokens [b, 1])` -> this rank's vocab-sharded logits [b, 1, V/T] of the next position.
 
-    caches: the prefilled KVCache of every block; next_pos: host LongTensor [b], the position of
+    caches: the prefilled cache of every block (KVCache, or HGRN-Bit's RecurrentState); next_pos: host LongTensor [b], the position of
     each row's next token (its prompt length); max_steps: how many steps will run (caches are
     trimmed to what that needs). cuda_graphs: capture on the first step, replay afterwards.
     experts: GRIFFIN's per-block neurons, already selected (pretrain/models/griffin.py).
@@ -80,9 +80,7 @@ class DecodeStep:
         self.next_pos = next_pos.to(device)
         self.active = torch.ones(b, dtype=torch.bool, device=device)  # every row decodes
         for cache in caches:
-            # a SUBLLM level's caches hold only its kept tokens: trim them to what the steps can add
-            cache.shrink(int(cache.lengths.max()) + max_steps)
-            cache.device_lengths()  # from now on advanced in place, on the device
+            cache.start_decode(max_steps)
         self.segments = split_segments(model.layers)
         self.skip_levels = b == 1 and len(self.segments) > 1
         self.cuda_graphs = cuda_graphs and device.type == "cuda"

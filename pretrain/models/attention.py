@@ -56,6 +56,12 @@ class KVCache:
         pos.add_(active.long())  # in place: a graph replay reads and writes the same memory
         return self.k, self.v, visible
 
+    def start_decode(self, max_steps: int) -> None:
+        """Before the decode steps: trim to what they can add (a SUBLLM level's caches hold only its
+        kept tokens) and move the lengths to the device, where the steps advance them in place."""
+        self.shrink(int(self.lengths.max()) + max_steps)
+        self.device_lengths()
+
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 

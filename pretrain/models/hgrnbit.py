@@ -30,13 +30,9 @@ class RecurrentState:
 
     def __init__(self, batch: int, channels: int, *, device):
         self.h = torch.zeros(batch, channels, dtype=torch.float32, device=device)
-        self.lengths = torch.zeros(batch, dtype=torch.long)  # tokens consumed per row (host; prefill only)
 
-    def shrink(self, capacity: int) -> None:  # the decode-step interface of a KV cache: nothing to trim
+    def start_decode(self, max_steps: int) -> None:  # a fixed-size state: nothing to trim or move
         pass
-
-    def device_lengths(self) -> torch.Tensor:
-        return self.lengths
 
     def nbytes(self) -> int:
         return self.h.numel() * self.h.element_size()
@@ -97,9 +93,10 @@ class MLGRU(nn.Module):
             h0 = None if state is None else (state.h if rows is None else state.h[rows.to(state.h.device)])
             h, h_last = linear_scan(a, b, h0)
             if state is not None:
-                idx = torch.arange(len(state.h)) if rows is None else rows
-                state.h.index_copy_(0, idx.to(state.h.device), h_last.float())
-                state.lengths[idx] += x.shape[1]
+                if rows is None:
+                    state.h.copy_(h_last)
+                else:
+                    state.h.index_copy_(0, rows.to(state.h.device), h_last.float())
         return self.o(torch.sigmoid(self.g(x)) * h)
 
 
