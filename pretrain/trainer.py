@@ -46,19 +46,16 @@ def resolve_model(cfg: RunConfig, data: PackedDataset) -> RunConfig:
 def flops_per_token(cfg) -> float:
     """Training FLOPs per token of the input sequence, forward + backward:
 
-        Σ_blocks r · (6 · N_block + 12 · d · r · s)  +  6 · d · V
+        Σ_blocks block.train_flops(r)  +  6 · d · V
 
-    N_block: the block's matmul parameters; 12·d·s: attention scores and values over s tokens
-    (attention blocks only: HGRN-Bit's recurrence is O(d) per token);
-    6·d·V: the LM head; r: the fraction of tokens a block sees (1, or the product of the keep
-    ratios of the SUBLLM levels around it: it runs on r·s tokens, each attending to r·s).
+    Each block type states its own cost per input token (a LLaMA block: r · (6 · N_block +
+    12 · d · r · s), N_block its matmul parameters, 12·d·s attention scores and values over s
+    tokens); 6·d·V: the LM head; r: the fraction of tokens a block sees (1, or the product of the
+    keep ratios of the SUBLLM levels around it: it runs on r·s tokens, each attending to r·s).
     """
-    from pretrain.models.structure import parse_structure
+    from pretrain.models.structure import BLOCKS, parse_structure
 
     m = cfg.model
-    d, hd = m.d_model, m.head_dim
-    n_block = {"T": 2 * d * m.n_heads * hd + 2 * d * m.kv_heads * hd + 3 * d * m.ffn_hidden,
-               "H": 4 * d * d + 3 * d * m.ffn_hidden}  # HGRN-Bit: W_f, W_c, W_g, W_o and the GLU; no attention
     total, ratios = 0.0, []
     for item in parse_structure(m.structure):
         if item.kind == "open":
@@ -66,10 +63,8 @@ def flops_per_token(cfg) -> float:
         elif item.kind == "close":
             ratios.pop()
         else:
-            r = math.prod(ratios)
-            attention = 12 * d * r * m.seq_len if item.char == "T" else 0
-            total += r * (6 * n_block[item.char] + attention)
-    return total + 6 * d * m.vocab_size
+            total += BLOCKS[item.char].train_flops(m, math.prod(ratios))
+    return total + 6 * m.d_model * m.vocab_size
 
 
 def _peak_flops() -> float | None:

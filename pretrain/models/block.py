@@ -20,6 +20,14 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden, spec=spec, init_std=cfg.init_std, out_std=out_std)
 
+    @staticmethod
+    def train_flops(cfg, r: float = 1.0) -> float:
+        """Forward + backward FLOPs per input token when the block sees a fraction r of the tokens:
+        its matmuls on r·s tokens, each attending over r·s (trainer.flops_per_token)."""
+        d, hd = cfg.d_model, cfg.head_dim
+        matmul = 2 * d * cfg.n_heads * hd + 2 * d * cfg.kv_heads * hd + 3 * d * cfg.ffn_hidden
+        return r * (6 * matmul + 12 * d * r * cfg.seq_len)
+
     def forward(self, p):
         if p.hidden.numel() == 0:  # inside a SUBLLM level that kept no token on this call: nothing to do
             return p

@@ -73,3 +73,11 @@ def test_flops_formula(tiny_data, tmp_path):
     r1, r2 = 0.64, 0.64 * 0.64
     expect = sum(r * (6 * per_block + 12 * m.d_model * r * m.seq_len) for r in (1, r1, r2, r1, 1))
     assert flops_per_token(cfg) == pytest.approx(expect + 6 * m.d_model * m.vocab_size)
+    # HGRN-Bit: 6 · its matmul weights (BitLinear norms excluded), no attention term
+    from pretrain.models import build_network
+
+    hgrn = tr.cfg.model.model_copy(update={"arch": "hgrnbit", "structure": "HH", "linear": "ternary",
+                                            "tie_embeddings": False})
+    weights = sum(p.numel() for n, p in build_network(hgrn).blocks()[0].named_parameters() if p.dim() == 2)
+    cfg = tr.cfg.model_copy(update={"model": hgrn})
+    assert flops_per_token(cfg) == 2 * 6 * weights + 6 * m.d_model * m.vocab_size
