@@ -88,7 +88,7 @@ class MLGRU(nn.Module):
         bool [b]) marks a decode step, advanced in place (CUDA-graph safe) for the active rows."""
         a, b = gate_inputs(self.f(x), self.c(x))  # f_t and (1 − f_t) ⊙ c_t
         if state is not None and active is not None:  # one token per row: h ← f ⊙ h + (1 − f) ⊙ c
-            h = recurrent_step(state.h, a[:, 0].float(), b[:, 0].float(), active=active)[:, None].to(x.dtype)
+            h = recurrent_step(state.h, a[:, 0], b[:, 0], active=active)[:, None].to(x.dtype)  # fp32 state
         else:
             h0 = None if state is None else (state.h if rows is None else state.h[rows.to(state.h.device)])
             h, h_last = linear_scan(a, b, h0)

@@ -201,20 +201,3 @@ def test_weight_codes_random_and_reduce_over_shards(dtype):
         shard_codes, shard_gamma = bl.weight_codes(shard, reduce=reduce)
         torch.testing.assert_close(shard_gamma, gamma)
         assert torch.equal(shard_codes, codes[:20] if rank == 0 else codes[20:])
-
-
-# ---------------------------------------------------------------- dispatch
-
-def test_dispatch(monkeypatch):
-    """use_triton=None: the kernels on CUDA tensors (where triton is installed), the references on
-    the CPU even under the interpreter."""
-    calls = []
-    monkeypatch.setattr(bl, "rmsnorm_quant_reference", lambda *a: calls.append("fwd") or (None,) * 3)
-    monkeypatch.setattr(bl, "rmsnorm_backward_reference", lambda *a: calls.append("bwd") or (None,) * 2)
-    x, w = _randn(2, 8), _weight(8)
-    bl.rmsnorm_quant(x, w, EPS, use_triton=False)
-    bl.rmsnorm_backward(x, w, torch.ones(2, device=DEVICE), x, use_triton=False)
-    assert calls == ["fwd", "bwd"]
-    bl.rmsnorm_quant(x, w, EPS)
-    bl.rmsnorm_backward(x, w, torch.ones(2, device=DEVICE), x)
-    assert len(calls) == (2 if CUDA and bl.triton is not None else 4)

@@ -102,18 +102,6 @@ def test_split_heuristic():
     assert da._num_splits(64 * 8, 32768, 132) == 1
 
 
-def test_dispatch(monkeypatch):
-    """use_triton=None: the kernel on CUDA tensors (where triton is installed), the reference on the
-    CPU even under the interpreter (generation on a CPU must not crawl through it)."""
-    calls = []
-    monkeypatch.setattr(da, "_decode_attention_triton", lambda *a: calls.append(a) or a[0])
-    q, k, v, lens = _inputs(*CASES["mha"])
-    da.decode_attention(q, k, v, lens, use_triton=False)
-    assert len(calls) == 0
-    da.decode_attention(q, k, v, lens)
-    assert len(calls) == int(CUDA and da.triton is not None)
-
-
 @needs_triton
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

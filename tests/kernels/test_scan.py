@@ -171,18 +171,6 @@ def test_triton_bf16_matches_reference():
         torch.testing.assert_close(x, y, atol=3e-2, rtol=3e-2, msg=name)
 
 
-def test_dispatch(monkeypatch):
-    """use_triton=None: the kernel on CUDA tensors (where triton is installed), the reference on the
-    CPU even under the interpreter."""
-    calls = []
-    monkeypatch.setattr(sc, "_linear_scan_triton", lambda *a: calls.append(a) or (a[0], a[0][:, -1]))
-    a, b, h0 = _inputs(B, 10, D)
-    sc.linear_scan(a, b, h0, use_triton=False)
-    assert len(calls) == 0
-    sc.linear_scan(a, b, h0)
-    assert len(calls) == int(CUDA and sc.triton is not None)
-
-
 @needs_triton
 def test_block_d_heuristic():
     assert sc._block_d(16, 2048) == sc.MAX_BLOCK_D  # 512 programs at 64 wide: enough

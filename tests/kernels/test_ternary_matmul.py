@@ -136,19 +136,6 @@ def test_split_heuristic():
     assert tm._config(1)["BLOCK_M"] == 16 and tm._config(512)["BLOCK_M"] == 256
 
 
-def test_dispatch(monkeypatch):
-    """use_triton=None: the kernel on CUDA tensors (where triton is installed), the reference on the
-    CPU even under the interpreter."""
-    calls = []
-    monkeypatch.setattr(tm, "_ternary_matmul_triton", lambda *a: calls.append(a) or a[0])
-    x, scale, codes, gamma = _inputs(1)
-    packed = tm.pack_ternary(codes)
-    tm.ternary_matmul(x, scale, packed, gamma, use_triton=False)
-    assert len(calls) == 0
-    tm.ternary_matmul(x, scale, packed, gamma)
-    assert len(calls) == int(CUDA and tm.triton is not None)
-
-
 @needs_triton
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
