@@ -5,6 +5,7 @@ single process (a world of one on a free local port), so generation and tests ne
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -79,6 +80,28 @@ def init_distributed(tensor_parallel: int = 1, *, timeout_s: float = 600.0) -> L
         dp_rank=ps.get_data_parallel_rank(),
         device=device,
     )
+
+
+@contextlib.contextmanager
+def local_world():
+    """A world of one inside this process, for building a model only to inspect it (the scaling
+    planner counts parameters on the meta device): gloo over an in-memory store, so no port and
+    no RANK/MASTER_* variables leak into the subprocesses a caller starts. No-op if a world exists."""
+    if dist.is_initialized():
+        yield
+        return
+    if not torch.cuda.is_available():
+        from parallel.cpu_shim import apply_cpu_shim
+
+        apply_cpu_shim()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        from megatron.core import parallel_state as ps
+
+        ps.initialize_model_parallel(tensor_model_parallel_size=1)
+        yield
+    finally:
+        destroy_distributed()
 
 
 def destroy_distributed() -> None:

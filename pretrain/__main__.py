@@ -5,6 +5,7 @@
     generate       --checkpoint DIR --prompt TEXT [--prompt TEXT ...] [--griffin-density 0.5]
     eval-griffin   --checkpoint DIR --data DIR   (GRIFFIN vs baselines: perplexity, greedy agreement)
     export-ternary --checkpoint DIR --out DIR    (a ternary model as 2-bit packed codes + scales)
+    scaling        plan|run|fit --study NAME    (scaling-law ladders tracked in MLflow; docs/scaling.md)
 
 User errors (config, data, checkpoint) print one clear message and exit with code 2; heavy
 libraries are imported only after the arguments are checked.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -104,6 +106,40 @@ def cmd_export_ternary(args) -> int:
     return 0
 
 
+def cmd_scaling(args) -> int:
+    from pretrain.scaling.plan import plan_study, plan_table
+    from pretrain.scaling.study import find_study, load_study
+
+    study = load_study(args.study)
+    if args.action == "fit":
+        from pretrain.scaling.results import fit_study
+
+        print(fit_study(study, bootstrap=args.bootstrap)["table"])
+        return 0
+    plans = plan_study(study)
+    if args.only:
+        plans = [p for p in plans if any(part in p.name for part in args.only)]
+    print(plan_table(plans))
+    if args.action == "plan":
+        return 0
+    from pretrain.scaling import runner
+
+    configs = runner.write_configs(study, plans, runner.parent_run(study, find_study(args.study), plans))
+    if args.slurm:
+        path = runner.write_sbatch(study, plans, configs)
+        print(f"wrote {path}" + ("" if args.submit else f"; submit it with: sbatch {path}"))
+        if args.submit:
+            return subprocess.call(["sbatch", str(path)])
+        return 0
+    failed = runner.run_local(study, plans, configs, concurrent=args.concurrent or study.resources.concurrent)
+    if failed:
+        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (logs: <run dir>/train.log); "
+              "run the same command again to resume them", file=sys.stderr)
+        return 1
+    print(f"all {len(plans)} runs finished; next: python -m pretrain scaling fit --study {args.study}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the export folder (generate --checkpoint loads it)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     x.set_defaults(fn=cmd_export_ternary)
+
+    sc = sub.add_parser("scaling", help="scaling-law studies: plan a ladder, run it, fit L(N, D)")
+    sc.add_argument("action", choices=["plan", "run", "fit"],
+                    help="plan: print every run's N, D, FLOPs, batch, LR, GPU-hours (dry run); run: train them; "
+                         "fit: read the runs back from MLflow, fit, plot, log the fit")
+    sc.add_argument("--study", required=True, help="launch/studies/NAME.yaml, or just NAME")
+    sc.add_argument("--only", nargs="+", default=None, help="plan/run: only runs whose name contains one of these")
+    sc.add_argument("--concurrent", type=int, default=None, help="run: runs at once (default: the study's)")
+    sc.add_argument("--slurm", action="store_true", help="run: write a slurm array job instead of running here")
+    sc.add_argument("--submit", action="store_true", help="run --slurm: also sbatch it")
+    sc.add_argument("--bootstrap", type=int, default=200, help="fit: bootstrap resamples for the intervals")
+    sc.set_defaults(fn=cmd_scaling)
     return p
 
 

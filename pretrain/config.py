@@ -167,6 +167,11 @@ class ScheduleConfig(Section):
     warmup_steps: int = 20
     # WSD (warmup-stable-decay): the last `decay_fraction` of the steps decay linearly to min_lr.
     decay_fraction: float = 0.2
+    # WSD only: extra decay ends (optimizer steps < training.steps). At decay_point - decay_fraction x
+    # decay_point the run branches: a copy decays to min_lr at the point, is evaluated
+    # (val_loss_decayed), and is dropped; the run goes on from its stable state. One run, several
+    # token counts D for a scaling-law fit (docs/scaling.md).
+    decay_points: list[int] = []
 
     @field_validator("decay_fraction")
     @classmethod
@@ -174,6 +179,11 @@ class ScheduleConfig(Section):
         if not 0.0 <= v <= 1.0:
             raise ValueError("must be within [0, 1]")
         return v
+
+
+def decay_start(end: int, decay_fraction: float) -> int:
+    """First step of a WSD decay that ends at `end` (the same rule as the LR schedule's)."""
+    return end - int(round(decay_fraction * end))
 
 
 class CheckpointConfig(Section):
@@ -189,6 +199,8 @@ class TrackingConfig(Section):
     enabled: bool = True
     uri: str | None = None  # None = sqlite:///<run dir>/mlflow.db (embedded, no server needed)
     experiment: str = "frugal"
+    parent_run_id: str | None = None  # nest this run under another (a scaling study's parent run)
+    tags: dict[str, str] = {}  # extra MLflow tags (a study's architecture, size, seed)
 
 
 class RunConfig(Section):
@@ -202,6 +214,23 @@ class RunConfig(Section):
     schedule: ScheduleConfig = ScheduleConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _decay_points(self) -> "RunConfig":
+        s, steps = self.schedule, self.training.steps
+        if not s.decay_points:
+            return self
+        if s.kind != "wsd":
+            raise ValueError(f"schedule.decay_points needs schedule.kind=wsd (it is {s.kind!r})")
+        if len(set(s.decay_points)) != len(s.decay_points):
+            raise ValueError(f"schedule.decay_points {s.decay_points} repeats a step")
+        for point in s.decay_points:
+            if not 0 < point < steps:
+                raise ValueError(f"schedule.decay_points: {point} is not within (0, training.steps={steps})")
+            if decay_start(point, s.decay_fraction) < s.warmup_steps:
+                raise ValueError(f"schedule.decay_points: the decay ending at {point} would start at step "
+                                 f"{decay_start(point, s.decay_fraction)}, inside the {s.warmup_steps} warm-up steps")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -256,18 +285,22 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(_format_errors(e)) from None
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file holding a mapping (a run config, a scaling study), or a ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping at the top level")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    data = read_yaml_mapping(path) if path is not None else {}
     return config_from_dict(_merge(data, parse_overrides(list(overrides))))
 
 

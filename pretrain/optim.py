@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from pretrain.config import decay_start
+
 
 def build_optimizer(model: torch.nn.Module, cfg, *, fused: bool) -> torch.optim.Optimizer:
     """cfg: OptimizerConfig. Norm gains and embeddings (1-D or `no_decay`) get no weight decay."""
@@ -36,17 +38,28 @@ def lr_multiplier(step: int, *, total: int, warmup: int, kind: str, min_ratio: f
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     if kind == "wsd":
-        decay_steps = int(round(decay_fraction * total))
-        decay_start = total - decay_steps
-        if step < decay_start or decay_steps == 0:
+        start = decay_start(total, decay_fraction)
+        if step < start or start == total:
             return 1.0
-        progress = min(1.0, (step - decay_start + 1) / decay_steps)
+        progress = min(1.0, (step - start + 1) / (total - start))
         return 1.0 - (1 - min_ratio) * progress
     raise ValueError(f"unknown schedule {kind!r}")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, run_cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _multiplier(run_cfg, run_cfg.training.steps))
+
+
+def set_schedule_end(scheduler: torch.optim.lr_scheduler.LambdaLR, run_cfg, total: int) -> None:
+    """Point the schedule's decay at `total` steps: the run's end, or a WSD decay branch's end (the
+    warm-up and stable phases are the same, so only the decay moves). The current LR is re-read too."""
+    fn = _multiplier(run_cfg, total)
+    scheduler.lr_lambdas = [fn] * len(scheduler.optimizer.param_groups)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * fn(scheduler.last_epoch)  # last_epoch: the next optimizer step's index
+
+
+def _multiplier(run_cfg, total: int):
     o, s = run_cfg.optimizer, run_cfg.schedule
-    fn = lambda step: lr_multiplier(step, total=run_cfg.training.steps, warmup=s.warmup_steps, kind=s.kind,
-                                    min_ratio=o.min_lr / o.lr, decay_fraction=s.decay_fraction)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    return lambda step: lr_multiplier(step, total=total, warmup=s.warmup_steps, kind=s.kind,
+                                      min_ratio=o.min_lr / o.lr, decay_fraction=s.decay_fraction)

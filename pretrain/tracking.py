@@ -86,6 +86,8 @@ class Tracker:
         enabled: bool = True,
         is_rank0: bool = True,
         resume_run_id: str | None = None,
+        parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.tracking_uri = tracking_uri or default_tracking_uri(self.run_dir)
@@ -102,6 +104,8 @@ class Tracker:
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if enabled:
             self._start(experiment, run_name, resume_run_id)
+            # mlflow.parentRunId is how MLflow nests runs (a scaling study's parent run)
+            self.set_tags({**(tags or {}), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -269,3 +273,9 @@ class Tracker:
         if self._client is None:
             return
         self._call(self._client.log_text, self._run_id, text, artifact_file)
+
+    def log_artifact(self, path: Path) -> None:
+        """Store a file (a plot, a fit report) as a run artifact."""
+        if self._client is None:
+            return
+        self._call(self._client.log_artifact, self._run_id, str(path))

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain import checkpoint as ckpt
-from pretrain.config import RunConfig, check_layout, padded_vocab
+from pretrain.config import RunConfig, check_layout, decay_start, padded_vocab
 from pretrain.data import PackedDataset, TrainLoader, val_batches
 from pretrain.errors import ConfigError, FrugalError
 
@@ -142,10 +142,19 @@ class Trainer:
 
         self.tracker = Tracker(self.run_dir, tracking_uri=cfg.tracking.uri, experiment=cfg.tracking.experiment,
                                run_name=cfg.name, enabled=cfg.tracking.enabled, is_rank0=self.layout.is_rank0,
-                               resume_run_id=run_id)
+                               resume_run_id=run_id, parent_run_id=cfg.tracking.parent_run_id,
+                               tags=cfg.tracking.tags)
         self.progress = Progress(cfg.training.steps, self.step, enabled=self.layout.is_rank0,
                                  log_every=cfg.training.log_every)
         self.eval_enabled = bool(cfg.training.eval_every) and self.val.num_samples >= self.dp_size
+        if cfg.schedule.decay_points and self.val.num_samples < self.dp_size:
+            raise ConfigError(f"schedule.decay_points needs validation, but the val split of {cfg.data.path} "
+                              f"holds {self.val.num_samples} sequences for {self.dp_size} data-parallel ranks")
+        # WSD decay branches still ahead (a resumed run skips those that started before its step)
+        self.decay_branches = {decay_start(p, cfg.schedule.decay_fraction): p
+                               for p in sorted(cfg.schedule.decay_points)
+                               if decay_start(p, cfg.schedule.decay_fraction) >= self.step}
+        self.tokens_per_step = cfg.training.global_batch_size * cfg.model.seq_len
         self.flops_per_token = flops_per_token(cfg)
         self.peak_flops = _peak_flops()
         if self.layout.is_rank0:
@@ -155,6 +164,8 @@ class Trainer:
                 from pretrain.tracking import flatten
 
                 self.tracker.log_params({**flatten(cfg.model_dump(mode="json")), **self.params,
+                                         "flops_per_token": self.flops_per_token,
+                                         "tokens_per_step": self.tokens_per_step,
                                          "layout.world_size": self.layout.world_size, "layout.dp": self.dp_size,
                                          "layout.tp": self.layout.tp_size, "layout.grad_accum": self.grad_accum})
                 self.tracker.log_text(cfg.to_yaml(), "config.yaml")
@@ -246,16 +257,49 @@ class Trainer:
         return ckpt.save(self.engine, self.ckpt_dir, self.step, meta, rank=self.layout.rank,
                          keep_last=self.cfg.checkpoint.keep_last, extra_files=[self.data.tokenizer_path])
 
+    def decay_branch(self, end: int) -> dict[str, float]:
+        """WSD with several decay points: from this stable-phase step, train a copy whose LR decays
+        to min_lr at step `end`, evaluate it, then restore the stable state and return its metrics.
+
+        The branch starts from a checkpoint saved here (also a resume point: a job killed inside
+        the branch resumes here and runs it again). Its steps are not logged; its result is, at
+        step `end`: val_loss_decayed (D of that point = end x tokens per step)."""
+        from pretrain.optim import set_schedule_end
+
+        start, scheduler = self.step, self.engine.lr_scheduler
+        latest = ckpt.read_latest(self.ckpt_dir)
+        path = latest if latest is not None and latest.name == ckpt.tag_for(start) else self.save()
+        set_schedule_end(scheduler, self.cfg, end)
+        self.progress.log(f"step {start}: decay branch to step {end} ({end - start} steps)")
+        while self.step < end:
+            self.engine.module.set_step(self.step)
+            if "skipped" in self.train_step():
+                self.skipped_steps += 1
+            self.step += 1
+        result = self.validation_metrics()
+        out = {"val_loss_decayed": result["val_loss"]}
+        self.tracker.log_metrics(out, step=end)
+        self.progress.log(f"step {end}: decayed val_loss {result['val_loss']:.4f}; back to step {start}")
+        meta = ckpt.load(self.engine, path, rank=self.layout.rank)
+        set_schedule_end(scheduler, self.cfg, self.cfg.training.steps)  # load keeps the lambdas: reset them
+        self.step, self.skipped_steps = meta["step"], meta.get("skipped_steps", 0)
+        self.loader.load_state_dict(meta["data"])
+        self.batches = iter(self.loader)
+        return out
+
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.training
-        tokens_per_step = t.global_batch_size * cfg.model.seq_len
+        tokens_per_step = self.tokens_per_step
         bad_in_row = 0
         history: list[dict[str, float]] = []
         status = "FAILED"
         try:
             while self.step < t.steps:
+                if self.step in self.decay_branches:
+                    history.append({"step": self.decay_branches[self.step],
+                                    **self.decay_branch(self.decay_branches.pop(self.step))})
                 t0 = time.perf_counter()
                 self.engine.module.set_step(self.step)  # step-scheduled layers (SUBLLM's bypass floor)
                 metrics = self.train_step()
@@ -279,14 +323,18 @@ class Trainer:
                 metrics["mem_gib"] = _memory_gib()
                 metrics["skipped_steps"] = self.skipped_steps
                 metrics["samples_consumed"] = self.loader.samples_consumed_total
+                metrics["tokens"] = self.step * tokens_per_step  # an x-axis for the MLflow charts
                 diag = self.engine.module.diagnostics()
                 if diag:  # one device-to-host transfer for all of them
                     metrics.update(zip(diag, torch.stack(list(diag.values())).tolist()))
                 if self.peak_flops:
                     metrics["mfu"] = metrics["tokens_per_sec"] * self.flops_per_token / (
                         self.peak_flops * self.layout.world_size)
-                if self.eval_enabled and (self.step % t.eval_every == 0 or self.step == t.steps):
+                last = self.step == t.steps
+                if (self.eval_enabled and (self.step % t.eval_every == 0 or last)) or (last and self.cfg.schedule.decay_points):
                     metrics.update(self.validation_metrics())
+                    if last:  # the end of the run's own decay
+                        metrics["val_loss_decayed"] = metrics["val_loss"]
                 history.append({"step": self.step, **metrics})
                 self.tracker.log_metrics(metrics, step=self.step)
                 self.progress.update(self.step, {k: v for k, v in metrics.items() if k in self.SHOWN})

@@ -177,3 +177,14 @@ def count_parameters(model: nn.Module, cfg) -> dict[str, int]:
         total += p.numel() * (tp_size() if sharded else 1)
     emb = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     return {"params_total": total, "params_non_embedding": total - emb}
+
+
+def model_size(cfg) -> dict[str, int]:
+    """count_parameters of the model `cfg` describes, without allocating it: built on the meta
+    device in a world of one (exact for every block type, no formula to keep in sync)."""
+    import torch
+
+    from parallel.distributed import local_world
+
+    with local_world(), torch.device("meta"):
+        return count_parameters(build_network(cfg), cfg)

@@ -72,6 +72,17 @@ def parse_structure(structure: str) -> list[Item]:
     return items
 
 
+def u_shaped(n_layers: int, block: str = "T") -> str:
+    """SUBLLM's two nested levels for n_layers blocks, in the released 24-layer model's proportions
+    (5 outer, 5 middle and 4 inner blocks: TTTTT(TTTTT(TTTT)TTTTT)TTTTT); the inner level takes
+    what rounding leaves. 12 -> TT(TT(TTTT)TT)TT."""
+    side = max(1, min(round(n_layers * 5 / 24), (n_layers - 1) // 4))
+    inner = n_layers - 4 * side
+    if inner < 1:
+        raise ConfigError(f"a U-shaped SUBLLM structure needs at least 5 blocks, got {n_layers}")
+    return f"{block * side}({block * side}({block * inner}){block * side}){block * side}"
+
+
 def count_levels(structure: str) -> int:
     return structure.count(OPEN)
 

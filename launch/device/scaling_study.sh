@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU scaling study of docs/scaling.md, through the device tool (run from the repo root after
+# `source .gpu/gpu-env.sh`). Resumable: call it again until every run has finished.
+#   bash launch/device/scaling_study.sh SECONDS [--only NAME ...]
+# 1. the corpus: the Python sources of this machine's interpreter (stdlib + site-packages, torch
+#    included: ~400 MB), an 8k byte-level BPE, 512-token sequences (prepared once);
+# 2. `scaling run` for at most SECONDS (interrupted runs resume from their checkpoints next time);
+# 3. the study folder, without checkpoints, to $OUT/study.tar.gz (mlflow.db, run logs, configs).
+set -euo pipefail
+limit=${1:?seconds}; shift
+study=llama-vs-subllm
+if [ ! -f data/pycode-512/meta.json ]; then
+  # one document per source file; files that are not UTF-8, over 1 MB or exact duplicates are left out
+  python3 - <<'PY'
+import hashlib, os, sysconfig
+from pathlib import Path
+out, seen, total = Path("data/pycode-src"), set(), 0
+out.mkdir(parents=True, exist_ok=True)
+for root in sorted({sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]}):
+    for path in sorted(Path(root).rglob("*.py")):
+        try:
+            raw = path.read_bytes()
+            raw.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        digest = hashlib.sha1(raw).hexdigest()
+        if len(raw) > 2**20 or not raw.strip() or digest in seen:
+            continue
+        seen.add(digest)
+        total += len(raw)
+        (out / f"{digest}.py").write_bytes(raw)
+print(f"corpus: {len(seen)} files, {total / 1e6:.0f} MB")
+PY
+  time python3 -m pretrain prepare-data --input 'data/pycode-src/*.py' --tokenizer train \
+      --vocab-size 8192 --seq-len 512 --samples-per-shard 8192 --val-fraction 0.002 --out data/pycode-512 --overwrite
+fi
+python3 -m pretrain scaling plan --study $study "$@"
+timeout -s TERM "$limit" python3 -m pretrain scaling run --study $study "$@" || echo "scaling run stopped: $?"
+# $OUT brings back at most 8 files: one archive of the study (its checkpoints stay behind)
+(cd runs/studies && find $study -path "$study/runs/*/checkpoints" -prune -o -type f -print | \
+    tar -czf "$OUT/study.tar.gz" -T -)
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python3 -c 'import torch; print("torch", torch.__version__)'; date -u; } > "$OUT/gpu.txt"

@@ -1,0 +1,1 @@
+"""Scaling-law studies: plan, run, fit."""
