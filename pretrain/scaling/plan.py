@@ -153,7 +153,8 @@ def plan_study(study: Study) -> list[RunPlan]:
                     "parallel.tensor": res.tensor, "parallel.zero_stage": res.zero_stage,
                     "tracking.enabled": True, "tracking.uri": study.uri(), "tracking.experiment": study.experiment,
                     "tracking.tags": {"study": study.name, "role": "run", "arch": arch, "size": size.name,
-                                      "seed": str(seed)},
+                                      "seed": str(seed), "n": str(n), "n_total": str(counts["params_total"]),
+                                      "d_max": str(steps * per_step), "flops_per_token": f"{fpt:.6g}"},
                 }
                 plans.append(RunPlan(
                     name=name, arch=arch, size=size.name, seed=seed, n_total=counts["params_total"],

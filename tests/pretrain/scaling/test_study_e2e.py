@@ -3,6 +3,7 @@ fit. Runs nest under the study's MLflow parent run, every decay end is logged, a
 skips the finished runs, the fit is its own MLflow run with the plots; --slurm writes an array job."""
 import subprocess
 
+import pytest
 import yaml
 
 from tests.helpers import cli
@@ -51,6 +52,9 @@ def test_tiny_study_end_to_end(tiny_data, tmp_path):
         decayed = client.get_metric_history(r.info.run_id, "val_loss_decayed")
         assert len(decayed) == 3 and all(m.value > 0 for m in decayed)
         assert "tokens" in r.data.metrics and "flops_per_token" in r.data.params
+        assert int(r.data.tags["n"]) == int(r.data.params["params_non_embedding"])  # tagged N, D, FLOPs/token
+        assert int(r.data.tags["d_max"]) == int(r.data.params["training.steps"]) * int(r.data.params["tokens_per_step"])
+        assert float(r.data.tags["flops_per_token"]) == pytest.approx(float(r.data.params["flops_per_token"]))
     fit_run = runs["fit"]
     assert fit_run.data.tags["mlflow.parentRunId"] == parent and "llama.alpha" in fit_run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(fit_run.info.run_id)}
