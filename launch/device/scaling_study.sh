@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU scaling study of docs/scaling.md, through the device tool (run from the repo root after
 # `source .gpu/gpu-env.sh`). Resumable: call it again until every run has finished.
-#   bash launch/device/scaling_study.sh SECONDS [--only NAME ...]
+#   bash launch/device/scaling_study.sh SECONDS [STUDY [--only NAME ...]]   (STUDY: llama-vs-subllm)
 # 1. the corpus: the Python sources of this machine's interpreter (stdlib + site-packages, torch
 #    included: ~400 MB), an 8k byte-level BPE, 512-token sequences (prepared once);
 # 2. `scaling run` for at most SECONDS (interrupted runs resume from their checkpoints next time);
 # 3. the study folder, without checkpoints, to $OUT/study.tar.gz (mlflow.db, run logs, configs).
 set -euo pipefail
 limit=${1:?seconds}; shift
-study=llama-vs-subllm
+study=${1:-llama-vs-subllm}; shift || true
 if [ ! -f data/pycode-512/meta.json ]; then
   # one document per source file; files that are not UTF-8, over 1 MB or exact duplicates are left out
   python3 - <<'PY'

@@ -201,10 +201,12 @@ def plot_speed_frontier(points_by_arch: dict[str, list[Point]], path) -> Path:
     return _save(fig, path)
 
 
-def plot_all(points_by_arch: dict[str, list[Point]], fits: dict[str, LawFit], out_dir) -> list[Path]:
-    """The four plots into out_dir: loss_vs_flops, isoflop, fit_vs_observed, speed_frontier (.png)."""
+def plot_all(points_by_arch: dict[str, list[Point]], fits: dict[str, LawFit], out_dir,
+             budgets: list[float] | None = None) -> list[Path]:
+    """The four plots into out_dir: loss_vs_flops, isoflop, fit_vs_observed, speed_frontier (.png).
+    budgets: the IsoFLOP curves' compute values (an IsoFLOP study's own budgets; default from the data)."""
     out = Path(out_dir)
     return [plot_loss_vs_flops(points_by_arch, fits, out / "loss_vs_flops.png"),
-            plot_isoflop(points_by_arch, fits, out / "isoflop.png"),
+            plot_isoflop(points_by_arch, fits, out / "isoflop.png", budgets=budgets),
             plot_fit_vs_observed(points_by_arch, fits, out / "fit_vs_observed.png"),
             plot_speed_frontier(points_by_arch, out / "speed_frontier.png")]

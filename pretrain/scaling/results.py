@@ -68,7 +68,7 @@ def fit_study(study: Study, *, bootstrap: int = 200) -> dict:
     rep = report(by_arch, targets=study.predict, bootstrap_samples=bootstrap)
     out = Path(study.dir) / "fit"
     out.mkdir(parents=True, exist_ok=True)
-    plots = plot_all(by_arch, fits_from_report(rep), out)
+    plots = plot_all(by_arch, fits_from_report(rep), out, budgets=study.tokens.budgets)
     table = markdown_table(rep)
     (out / "fit.json").write_text(json.dumps({"report": rep, "points": {
         a: [p.__dict__ for p in pts] for a, pts in by_arch.items()}}, indent=1))
