@@ -252,21 +252,28 @@ def _format_errors(err: ValidationError) -> str:
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """['a.b=1', 'c=x'] -> nested dict; values are parsed as YAML scalars (1 -> int, true -> bool)."""
-    tree: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            flat[key] = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: cannot parse value: {e}") from None
+    return nest(flat)
+
+
+def nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    """{'a.b': 1, 'c': 2} -> {'a': {'b': 1}, 'c': 2}."""
+    tree: dict[str, Any] = {}
+    for key, value in dotted.items():
         node = tree
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p} is not a section")
+                raise ConfigError(f"override {key}={value!r}: {p} is not a section")
         node[parts[-1]] = value
     return tree
 

@@ -150,10 +150,9 @@ class Trainer:
         if cfg.schedule.decay_points and self.val.num_samples < self.dp_size:
             raise ConfigError(f"schedule.decay_points needs validation, but the val split of {cfg.data.path} "
                               f"holds {self.val.num_samples} sequences for {self.dp_size} data-parallel ranks")
-        # WSD decay branches still ahead (a resumed run skips those that started before its step)
-        self.decay_branches = {decay_start(p, cfg.schedule.decay_fraction): p
-                               for p in sorted(cfg.schedule.decay_points)
-                               if decay_start(p, cfg.schedule.decay_fraction) >= self.step}
+        # WSD decay branches, start step -> end step (a resumed run skips those already started)
+        starts = {decay_start(p, cfg.schedule.decay_fraction): p for p in cfg.schedule.decay_points}
+        self.decay_branches = {start: end for start, end in starts.items() if start >= self.step}
         self.tokens_per_step = cfg.training.global_batch_size * cfg.model.seq_len
         self.flops_per_token = flops_per_token(cfg)
         self.peak_flops = _peak_flops()
@@ -276,10 +275,9 @@ class Trainer:
             if "skipped" in self.train_step():
                 self.skipped_steps += 1
             self.step += 1
-        result = self.validation_metrics()
-        out = {"val_loss_decayed": result["val_loss"]}
+        out = {"val_loss_decayed": self.evaluate()}
         self.tracker.log_metrics(out, step=end)
-        self.progress.log(f"step {end}: decayed val_loss {result['val_loss']:.4f}; back to step {start}")
+        self.progress.log(f"step {end}: decayed val_loss {out['val_loss_decayed']:.4f}; back to step {start}")
         meta = ckpt.load(self.engine, path, rank=self.layout.rank)
         set_schedule_end(scheduler, self.cfg, self.cfg.training.steps)  # load keeps the lambdas: reset them
         self.step, self.skipped_steps = meta["step"], meta.get("skipped_steps", 0)
@@ -298,8 +296,8 @@ class Trainer:
         try:
             while self.step < t.steps:
                 if self.step in self.decay_branches:
-                    history.append({"step": self.decay_branches[self.step],
-                                    **self.decay_branch(self.decay_branches.pop(self.step))})
+                    end = self.decay_branches.pop(self.step)
+                    history.append({"step": end, **self.decay_branch(end)})
                 t0 = time.perf_counter()
                 self.engine.module.set_step(self.step)  # step-scheduled layers (SUBLLM's bypass floor)
                 metrics = self.train_step()
@@ -331,9 +329,9 @@ class Trainer:
                     metrics["mfu"] = metrics["tokens_per_sec"] * self.flops_per_token / (
                         self.peak_flops * self.layout.world_size)
                 last = self.step == t.steps
-                if (self.eval_enabled and (self.step % t.eval_every == 0 or last)) or (last and self.cfg.schedule.decay_points):
+                if (self.eval_enabled and (self.step % t.eval_every == 0 or last)) or (last and cfg.schedule.decay_points):
                     metrics.update(self.validation_metrics())
-                    if last:  # the end of the run's own decay
+                    if last and cfg.schedule.kind != "constant":  # the end of the run's own decay
                         metrics["val_loss_decayed"] = metrics["val_loss"]
                 history.append({"step": self.step, **metrics})
                 self.tracker.log_metrics(metrics, step=self.step)

@@ -182,8 +182,6 @@ def count_parameters(model: nn.Module, cfg) -> dict[str, int]:
 def model_size(cfg) -> dict[str, int]:
     """count_parameters of the model `cfg` describes, without allocating it: built on the meta
     device in a world of one (exact for every block type, no formula to keep in sync)."""
-    import torch
-
     from parallel.distributed import local_world
 
     with local_world(), torch.device("meta"):

@@ -305,11 +305,12 @@ def fits_from_report(rep: dict) -> dict[str, LawFit]:
     return {arch: LawFit.from_dict(e["fit"]) for arch, e in rep.items() if "fit" in e}
 
 
-def human_count(n: float) -> str:
-    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.3g}{unit}"
-    return f"{n:.3g}"
+def si(x: float) -> str:
+    """3 significant digits with an SI prefix: 1.3e9 -> '1.3G' (parameters, tokens, FLOPs)."""
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
 
 
 def markdown_table(rep: dict) -> str:
@@ -317,7 +318,7 @@ def markdown_table(rep: dict) -> str:
     exponents, the leave-largest-out error and the predicted loss at each target N (D = 20 N)."""
     targets = sorted({t["n"] for e in rep.values() for t in e.get("targets", [])})
     head = ["arch", "points", "E", "A", "α", "B", "β", "a (N∝C^a)", "b (D∝C^b)",
-            "leave-largest-out err (mean / max)"] + [f"L({human_count(n)}, D=20N)" for n in targets]
+            "leave-largest-out err (mean / max)"] + [f"L({si(n)}, D=20N)" for n in targets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arch, e in rep.items():
         if "fit" not in e:
@@ -333,7 +334,9 @@ def markdown_table(rep: dict) -> str:
         llo_cell = (f"{100 * llo['mean_abs_rel_error']:.2f}% / {100 * llo['max_abs_rel_error']:.2f}%"
                     if "mean_abs_rel_error" in llo else "—")
         by_n = {t["n"]: t["loss"] for t in e.get("targets", [])}
+        # with alpha or beta at 0 there is no compute-optimal allocation (a, b would read 1 and 0)
+        optimal = [cell("a"), cell("b")] if fit["alpha"] > 0 and fit["beta"] > 0 else ["— (α or β = 0)"] * 2
         row = [arch, str(e["n_points"]), cell("E"), cell("A"), cell("alpha"), cell("B"), cell("beta"),
-               cell("a"), cell("b"), llo_cell] + [f"{by_n[n]:.3f}" if n in by_n else "—" for n in targets]
+               *optimal, llo_cell] + [f"{by_n[n]:.3f}" if n in by_n else "—" for n in targets]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import RunConfig, _merge, config_from_dict, decay_start, read_yaml_mapping
+from pretrain.config import RunConfig, _merge, config_from_dict, decay_start, nest, read_yaml_mapping
 from pretrain.errors import ConfigError
+from pretrain.scaling.fit import si
 from pretrain.scaling.study import Study
 
 
@@ -49,20 +50,9 @@ class RunPlan:
         return self.tp * self.dp
 
 
-def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key, value in dotted.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 def _base(study: Study, arch: str) -> dict[str, Any]:
     spec = study.architectures[arch]
-    return _merge(read_yaml_mapping(spec.config), _nest(spec.overrides))
+    return _merge(read_yaml_mapping(spec.config), nest(spec.overrides))
 
 
 def _structure(study: Study, arch: str, size, base: dict) -> str:
@@ -78,7 +68,7 @@ def _structure(study: Study, arch: str, size, base: dict) -> str:
 
 def _config(study: Study, dotted: dict[str, Any], base: dict, where: str) -> RunConfig:
     try:
-        return config_from_dict(_merge(base, _nest(dotted)))
+        return config_from_dict(_merge(base, nest(dotted)))
     except ConfigError as e:
         raise ConfigError(f"study {study.name}, {where}: {e}") from None
 
@@ -167,25 +157,18 @@ def plan_study(study: Study) -> list[RunPlan]:
     return plans
 
 
-def _si(x: float) -> str:
-    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
 def plan_table(plans: list[RunPlan]) -> str:
     head = ["run", "N total", "N non-emb", "FLOPs/tok", "D (tokens, each decay end)", "steps", "batch",
             "lr", "warmup", "FLOPs", "GPU-h", "layout", "epochs"]
-    rows = [[p.name, _si(p.n_total), _si(p.n_non_embedding), _si(p.flops_per_token),
-             ", ".join(_si(d) for d in p.tokens), str(p.steps), f"{p.global_batch}x{p.micro_batch}",
-             f"{p.lr:.2e}", str(p.warmup), _si(p.flops), f"{p.gpu_hours:.3g}",
+    rows = [[p.name, si(p.n_total), si(p.n_non_embedding), si(p.flops_per_token),
+             ", ".join(si(d) for d in p.tokens), str(p.steps), f"{p.global_batch}x{p.micro_batch}",
+             f"{p.lr:.2e}", str(p.warmup), si(p.flops), f"{p.gpu_hours:.3g}",
              f"tp{p.tp} dp{p.dp} ({p.gpus} GPU)", f"{p.epochs:.2f}"] for p in plans]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
     total_flops, total_h = sum(p.flops for p in plans), sum(p.gpu_hours for p in plans)
     lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows),
-             f"{len(plans)} runs, {_si(total_flops)}FLOPs, ~{total_h:.3g} GPU-hours "
+             f"{len(plans)} runs, {si(total_flops)}FLOPs, ~{total_h:.3g} GPU-hours "
              f"(batch: global x micro sequences; D = steps x batch x seq_len)"]
     warning = design_warning(plans)
     if warning:

@@ -20,12 +20,10 @@ def collect_points(study: Study) -> dict[str, list[Point]]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=study.uri())
-    exp = client.get_experiment_by_name(study.experiment)
-    if exp is None:
-        raise FrugalError(f"study {study.name}: no MLflow experiment {study.experiment!r} at {study.uri()}; "
-                          f"run `python -m pretrain scaling run --study {study.name}` first")
-    runs = client.search_runs([exp.experiment_id], f"tags.study = '{study.name}' and tags.role = 'run'",
-                              max_results=10_000)
+    runs = study.mlflow_runs("run")
+    if not runs:
+        raise FrugalError(f"study {study.name}: no runs in MLflow experiment {study.experiment!r} at "
+                          f"{study.uri()}; run `python -m pretrain scaling run --study {study.name}` first")
     n_key = "params_non_embedding" if study.n_kind == "non_embedding" else "params_total"
     by_arch: dict[str, list[Point]] = {}
     for run in runs:
@@ -74,12 +72,7 @@ def fit_study(study: Study, *, bootstrap: int = 200) -> dict:
         a: [p.__dict__ for p in pts] for a, pts in by_arch.items()}}, indent=1))
     (out / "fit.md").write_text(f"## Fit\n\n{table}\n\n## Points\n\n{points_table(by_arch)}\n")
 
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=study.uri())
-    exp = client.get_experiment_by_name(study.experiment)
-    parent = client.search_runs([exp.experiment_id], f"tags.study = '{study.name}' and tags.role = 'study'",
-                                max_results=1)
+    parent = study.mlflow_runs("study", max_results=1)
     tags = {"study": study.name, "role": "fit"}
     with Tracker(out, tracking_uri=study.uri(), experiment=study.experiment, run_name=f"fit-{study.name}",
                  parent_run_id=parent[0].info.run_id if parent else None, tags=tags) as tracker:

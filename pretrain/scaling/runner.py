@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,17 +25,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 def parent_run(study: Study, study_file: Path, plans: list[RunPlan]) -> str:
     """The study's parent MLflow run (created once, found again by its tags)."""
-    from mlflow.tracking import MlflowClient
-
     from pretrain.tracking import Tracker
 
-    client = MlflowClient(tracking_uri=study.uri())
-    exp = client.get_experiment_by_name(study.experiment)
-    if exp is not None:
-        found = client.search_runs([exp.experiment_id], f"tags.study = '{study.name}' and tags.role = 'study'",
-                                   max_results=1)
-        if found:
-            return found[0].info.run_id
+    found = study.mlflow_runs("study", max_results=1)
+    if found:
+        return found[0].info.run_id
     with Tracker(Path(study.dir), tracking_uri=study.uri(), experiment=study.experiment,
                  run_name=f"study-{study.name}", tags={"study": study.name, "role": "study"}) as tracker:
         if tracker.run_id is None:
@@ -69,17 +62,11 @@ def is_finished(plan: RunPlan) -> bool:
     return latest is not None and ckpt.read_meta(latest)["step"] >= plan.steps
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_command(plan: RunPlan, config: Path) -> list[str]:
     if plan.gpus == 1:
         return [sys.executable, "-m", "pretrain", "train", "--config", str(config)]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(plan.gpus),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+    # --standalone: a local rendezvous on a free port, so runs started together never collide
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(plan.gpus),
             "-m", "pretrain", "train", "--config", str(config)]
 
 

@@ -132,6 +132,17 @@ class Study(Section):
 
         return self.tracking_uri or default_tracking_uri(Path(self.dir))
 
+    def mlflow_runs(self, role: str, max_results: int = 10_000) -> list:
+        """This study's MLflow runs of one role: "study" (the parent), "run" or "fit"."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri())
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            return []
+        return client.search_runs([exp.experiment_id], f"tags.study = '{self.name}' and tags.role = '{role}'",
+                                  max_results=max_results)
+
 
 def find_study(name_or_path: str) -> Path:
     """`--study` takes a YAML path or a name under launch/studies/."""

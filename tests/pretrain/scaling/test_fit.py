@@ -156,7 +156,7 @@ def test_report_and_markdown_table():
     assert fits_from_report(rep)["llama"].predict(1e9, 2e10) == pytest.approx(LAW.predict(1e9, 2e10))
 
     table = markdown_table(rep).splitlines()
-    assert len(table) == 2 + 3 and "L(1B, D=20N)" in table[0]
+    assert len(table) == 2 + 3 and "L(1G, D=20N)" in table[0]
     row = next(r for r in table if r.startswith("| llama |"))
     lo, hi = llama["ci"]["alpha"]
     assert f"0.34 [{lo:.3g}, {hi:.3g}]" in row and f"{LAW.predict(1e9, 2e10):.3f}" in row
