@@ -66,6 +66,26 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) ->
     return mtp.vocab_parallel_cross_entropy(logits.float(), targets)
 
 
+def vocab_parallel_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token KL(softmax(teacher/T) || softmax(student/T)) [..] from vocab-sharded logits, without
+    gathering the vocabulary: log-sum-exp and the KL sum are reduced over the TP group. The result is
+    replicated on every TP rank, and so is the loss built from it, which is what makes the identity
+    backward of the reductions the right gradient for each shard."""
+    log_ps = _log_softmax(student.float() / temperature)
+    with torch.no_grad():
+        log_pt = _log_softmax(teacher.float() / temperature)
+    return mtp.reduce_from_tensor_model_parallel_region((log_pt.exp() * (log_pt - log_ps)).sum(-1))
+
+
+def _log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the vocabulary split across the TP group (x: this rank's shard)."""
+    m = x.detach().max(dim=-1, keepdim=True).values
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
+    total = mtp.reduce_from_tensor_model_parallel_region((x - m).exp().sum(dim=-1, keepdim=True))
+    return x - m - total.log()
+
+
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary logits from the shards (generation only)."""
     if ps.get_tensor_model_parallel_world_size() == 1:

@@ -2,9 +2,12 @@
 
     train          --config launch/configs/NAME.yaml [dotted.key=value ...]   (torchrun for N > 1)
     prepare-data   --input FILES/GLOBS --tokenizer train|PATH --seq-len N --out DIR
-    generate       --checkpoint DIR --prompt TEXT [--prompt TEXT ...] [--griffin-density 0.5]
+    generate       --checkpoint DIR --prompt TEXT [--prompt TEXT ...] [--griffin-density 0.5] [--budget 0.5|auto]
     eval-griffin   --checkpoint DIR --data DIR   (GRIFFIN vs baselines: perplexity, greedy agreement)
     export-ternary --checkpoint DIR --out DIR    (a ternary model as 2-bit packed codes + scales)
+    elastify       --checkpoint DIR --calib-data DIR --out DIR [--set key=value ...]   (Flextron: sort units)
+    export         --checkpoint DIR --budget 0.5 --out DIR   (Flextron: a budget's sub-network as a plain model)
+    elastic-profile --config FILE --out latency.json  (Flextron: per-block decode latency of every width)
     scaling        plan|run|fit --study NAME    (scaling-law ladders tracked in MLflow; docs/scaling.md)
 
 User errors (config, data, checkpoint) print one clear message and exit with code 2; heavy
@@ -71,7 +74,13 @@ def cmd_generate(args) -> int:
         ff = FFSelection(density=args.griffin_density, method=args.griffin_method)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    gen = Generator(args.checkpoint, packed=args.packed)
+    budget = args.budget
+    if budget is not None and budget != "auto":
+        try:
+            budget = float(budget)
+        except ValueError:
+            raise ConfigError(f"--budget {budget!r}: give a fraction such as 0.5, or auto") from None
+    gen = Generator(args.checkpoint, packed=args.packed, budget=budget, budget_target=args.budget_target)
     s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        seed=args.seed)
     texts = gen.generate(args.prompt, s, num_samples=args.num_samples, ff=ff)
@@ -103,6 +112,46 @@ def cmd_export_ternary(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"packed {summary['layers']} ternary layers ({summary['packed_bytes'] / 2**20:.2f} MiB of codes, "
               f"scales and norms per rank, TP={summary['tp']}) into {args.out}")
+    return 0
+
+
+def cmd_elastify(args) -> int:
+    from pretrain.elastify import elastify, parse_overrides
+
+    s = elastify(args.checkpoint, args.calib_data, args.out, batches=args.calib_batches, batch_size=args.batch_size,
+                 overwrite=args.overwrite, elastic_overrides=parse_overrides(args.set))
+    cap = s["captured_top_half"]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    print(f"sorted {s['units']['mlp']} MLP neurons ({s['moved']['mlp']} moved) and {s['units']['heads']} query "
+          f"groups ({s['moved']['heads']} moved) in {s['layers']} blocks by importance on {s['tokens']} tokens")
+    print(f"verified: the permuted model's logits differ by at most {s['max_logit_diff']:.2e}; the top half of "
+          f"the units holds {mean(cap['mlp']):.1%} of the MLP importance and {mean(cap['heads']):.1%} of the "
+          f"attention importance (mean over blocks)")
+    print(f"wrote {s['out']} (model.elastic enabled; train from it with checkpoint.init_from={s['out']})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pretrain.subnetwork import export_subnetwork
+
+    s = export_subnetwork(args.checkpoint, args.budget, args.out, overwrite=args.overwrite)
+    print(f"budget {s['budget']:g}: MLP widths {s['mlp_widths']}, query groups {s['query_groups']}; "
+          f"{s['params'] / 1e6:.2f}M of {s['params_full'] / 1e6:.2f}M parameters; predicted cost "
+          f"{s['predicted_cost']:.3f} of the full model ({s['cost_unit']}); wrote {args.out}")
+    return 0
+
+
+def cmd_elastic_profile(args) -> int:
+    from pretrain.config import load_config
+    from pretrain.elastic_profile import profile, write
+
+    cfg = load_config(args.config, args.overrides)
+    table = profile(cfg.model, batch=args.batch, context=args.context, repeats=args.repeats)
+    write(table, args.out)
+    print(f"{table['device']}: full decode step {table['full_ms']:.3f} ms predicted (batch {table['batch']}, "
+          f"context {table['context']}); MLP ms per block {[round(x, 4) for x in table['mlp_ms'][0]]} for widths "
+          f"{table['mlp_widths']}; attention {[round(x, 4) for x in table['attn_ms'][0]]} for query groups "
+          f"{table['head_groups']}; wrote {args.out}")
     return 0
 
 
@@ -176,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of FF neurons each decoded token uses, chosen per prompt (1.0 = full model)")
     g.add_argument("--griffin-method", default="griffin", choices=["griffin", "magnitude", "random"],
                    help="how the neurons are chosen: by the prompt's activations (GRIFFIN) or a baseline")
+    g.add_argument("--budget", default=None,
+                   help="elastic (Flextron) models: a fraction serves the static router's sub-network for it; "
+                        "auto: the adaptive router picks widths per prompt")
+    g.add_argument("--budget-target", type=float, default=None,
+                   help="--budget auto: the budget the adaptive router routes for (default: its middle budget)")
     g.add_argument("--packed", action="store_true",
                    help="ternary models: decode with 2-bit packed weights and int8 kernels (exports always do)")
     g.set_defaults(fn=cmd_generate)
@@ -197,6 +251,33 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the export folder (generate --checkpoint loads it)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     x.set_defaults(fn=cmd_export_ternary)
+
+    el = sub.add_parser("elastify", help="Flextron: sort MLP neurons and query groups by importance (elastic model)")
+    el.add_argument("--checkpoint", required=True, help="run dir, its checkpoints/ dir or a step_* dir (TP=1)")
+    el.add_argument("--calib-data", required=True, help="a prepare-data folder: the first train sequences calibrate")
+    el.add_argument("--out", required=True, help="the weights-only elastic model folder")
+    el.add_argument("--calib-batches", type=int, default=8)
+    el.add_argument("--batch-size", type=int, default=8, help="sequences per calibration batch")
+    el.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    el.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                    help="model.elastic fields (YAML values), e.g. 'ffn_fractions=[1.0,0.5]' neuron_granularity=64")
+    el.set_defaults(fn=cmd_elastify)
+
+    ex = sub.add_parser("export", help="Flextron: write a budget's sub-network as a standalone plain model")
+    ex.add_argument("--checkpoint", required=True, help="an elastic model: run dir, checkpoints/ dir or a folder")
+    ex.add_argument("--budget", type=float, required=True, help="a budget the static router was trained for")
+    ex.add_argument("--out", required=True, help="the export folder (train, generate, export from it)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    ex.set_defaults(fn=cmd_export)
+
+    pr = sub.add_parser("elastic-profile", help="Flextron: measure per-block decode latency of every offered width")
+    pr.add_argument("--config", required=True, help="a run config with model.elastic enabled and model.vocab_size")
+    pr.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    pr.add_argument("--out", required=True, help="the latency table (JSON) for model.elastic.latency_table")
+    pr.add_argument("--batch", type=int, default=1, help="decode batch")
+    pr.add_argument("--context", type=int, default=1024, help="tokens already in the KV cache")
+    pr.add_argument("--repeats", type=int, default=20)
+    pr.set_defaults(fn=cmd_elastic_profile)
 
     sc = sub.add_parser("scaling", help="scaling-law studies: plan a ladder, run it, fit L(N, D)")
     sc.add_argument("action", choices=["plan", "run", "fit"],

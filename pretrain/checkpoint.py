@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -63,11 +64,27 @@ def resolve_resume(setting: str, run_ckpt_dir: Path) -> Path | None:
         return read_latest(run_ckpt_dir)
     path = Path(setting)
     if (path / META).is_file():
+        if read_meta(path).get("format") == WEIGHTS:
+            raise CheckpointError(f"checkpoint.resume={setting} is a weights-only folder (no optimizer state): "
+                                  "start from it with checkpoint.init_from instead")
         return path
     if path.is_dir() and (found := read_latest(path)) is not None:
         return found
     raise CheckpointError(f"checkpoint.resume={setting}: no complete checkpoint there "
                           f"(expected a folder holding {META} or a `{LATEST}` file)")
+
+
+def find(setting: str | Path) -> Path:
+    """A checkpoint folder (a step_* or weights-only folder), a run's checkpoints folder or a run dir
+    (its latest complete checkpoint) -> the checkpoint folder: what init_from, generate, export take."""
+    path = Path(setting)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / META).is_file():
+            return candidate
+        if (candidate / LATEST).is_file():
+            return read_latest(candidate)
+    raise CheckpointError(f"{setting}: no checkpoint there (expected a folder holding {META}, a run's "
+                          "checkpoints folder or a run dir)")
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -80,11 +97,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 def check_compatible(meta: dict[str, Any], model_cfg: dict[str, Any], parallel_cfg: dict[str, Any],
                      path: Path) -> None:
     """Refuse a checkpoint of another architecture or shape, naming every differing field."""
-    saved = meta["config"]["model"]
-    diffs = [f"model.{k}: checkpoint has {saved.get(k)!r}, this run has {v!r}"
-             for k, v in model_cfg.items() if saved.get(k) != v]
-    if diffs:
-        raise CheckpointError(f"checkpoint {path} was written for another model:\n  " + "\n  ".join(diffs))
+    check_model(meta, model_cfg, path)
     saved_tp = meta["config"]["parallel"]["tensor"]
     if saved_tp != parallel_cfg["tensor"]:
         raise CheckpointError(
@@ -94,6 +107,16 @@ def check_compatible(meta: dict[str, Any], model_cfg: dict[str, Any], parallel_c
         raise CheckpointError(
             f"checkpoint {path} holds ZeRO optimizer shards for {meta['dp_size']} data-parallel ranks, "
             f"this run has {parallel_cfg['dp_size']}; resume with the same data-parallel size")
+
+
+def check_model(meta: dict[str, Any], model_cfg: dict[str, Any], path: Path, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse weights of another architecture or shape (fields in `ignore` may differ), naming every
+    differing field."""
+    saved = meta["config"]["model"]
+    diffs = [f"model.{k}: checkpoint has {saved.get(k)!r}, this run has {v!r}"
+             for k, v in model_cfg.items() if k not in ignore and saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was written for another model:\n  " + "\n  ".join(diffs))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -151,6 +174,90 @@ def load(engine, path: Path, *, rank: int) -> dict[str, Any]:
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return client["frugal"]
+
+
+WEIGHTS = "weights"  # meta["format"] of a weights-only folder (elastify, export): no optimizer state
+
+
+def model_file(tp_rank: int) -> str:
+    """DeepSpeed's name for one tensor-parallel rank's module weights."""
+    return f"mp_rank_{tp_rank:02d}_model_states.pt"
+
+
+def save_weights(out: Path, state: dict[str, torch.Tensor], meta: dict[str, Any], *, files: list[Path] = (),
+                 overwrite: bool = False) -> Path:
+    """Write a weights-only checkpoint folder holding the LOGICAL (tensor-parallel size 1) model `state`:
+    what `elastify` and `export` produce, what `generate` and `checkpoint.init_from` load (at any TP).
+    It appears complete or not at all (written beside, then renamed); an existing non-empty `out` is
+    refused unless `overwrite`. `meta` holds at least the run config; `files` (the tokenizer) are copied."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out} exists and is not empty; refusing to overwrite it (pass --overwrite)")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    torch.save({"module": tensors}, tmp / model_file(0))  # (megatron's None _extra_state entries dropped)
+    for f in files:
+        shutil.copy2(f, tmp / Path(f).name)
+    config = meta["config"]
+    config["parallel"]["tensor"] = 1  # the logical layout, whatever TP the weights were produced at
+    _write_atomic(tmp / META, json.dumps({"step": 0, **meta, "format": WEIGHTS, "dp_size": 1}, indent=1, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load_weights(path: Path, model, *, logical: bool = False) -> dict[str, Any]:
+    """Load the module weights of a checkpoint folder (a training step_* folder or a `save_weights`
+    folder) into `model` at this process's tensor-parallel layout, whatever TP size they were written
+    at: every saved rank's file is read, joined into the logical model (parallel/elastic_layout.py)
+    and split again for this rank. Returns the checkpoint's metadata, or with `logical` the logical
+    state dict (what a Flextron sub-network is cut from).
+
+    An elastic model loading weights that have no router (elastify's output of a plain model) keeps
+    its freshly initialised router."""
+    from parallel.elastic_layout import local_state_dict, logical_state_dict
+    from parallel.tensor_parallel import tp_rank, tp_size
+
+    path = Path(path)
+    meta = read_meta(path)
+    config = meta["config"]
+    saved_tp, stage = config["parallel"]["tensor"], config["parallel"]["zero_stage"]
+    if stage == 3 and meta.get("format") != WEIGHTS:  # the weights live partitioned in the optimizer shards
+        if saved_tp != 1:
+            raise CheckpointError(f"{path}: a ZeRO-3 checkpoint written at parallel.tensor={saved_tp} cannot be "
+                                  "consolidated here (only tensor-parallel size 1); convert it first")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        shards = [get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)]
+    else:
+        shards = [_read_module(path / model_file(r), saved_tp) for r in range(saved_tp)]
+    # an elastic model's shards hold its units round-robin, any other model's megatron's contiguous split
+    saved_elastic = config["model"].get("elastic", {}).get("enabled", False)
+    try:
+        full = logical_state_dict(shards, model, round_robin=saved_elastic)
+        state = local_state_dict(full, model, tp_rank(), tp_size())
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's size mismatches
+        raise CheckpointError(f"{path}: the weights do not fit this model: {e}") from None
+    if not any(k.startswith("router.") for k in full):
+        missing = [k for k in missing if not k.startswith("router.")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the weights do not fit this model: {len(missing)} missing "
+                              f"{missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}")
+    return full if logical else meta
+
+
+def _read_module(file: Path, saved_tp: int) -> dict[str, Any]:
+    if not file.is_file():
+        raise CheckpointError(f"missing {file} (the checkpoint was written at parallel.tensor={saved_tp}, "
+                              "one module file per tensor-parallel rank)")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)["module"]
+    except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"cannot read the module weights in {file}: {e!r}") from None
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -50,6 +50,50 @@ class SubsampleConfig(Section):
         return self
 
 
+class ElasticConfig(Section):
+    """Flextron's nested elastic widths (docs/flextron.md). A sub-network of width k uses the FIRST k
+    units of every elastic layer -- MLP neurons, attention query groups (a KV head with its query
+    heads) -- in importance order (`python -m pretrain elastify` sorts a trained model)."""
+
+    enabled: bool = False
+    # widths offered to the router, largest first, as fractions of ffn_hidden / n_kv_heads; an MLP
+    # width is rounded to a multiple of neuron_granularity (at TP=T, use T x 128 for GEMM-friendly slices)
+    ffn_fractions: list[float] = [1.0, 0.75, 0.5, 0.25]
+    head_fractions: list[float] = [1.0, 0.75, 0.5, 0.25]
+    neuron_granularity: int = 128
+    budgets: list[float] = [0.25, 0.5, 0.75]  # the targets the router learns (fractions of the full cost)
+    # static: widths from the budget alone (one sub-network per budget); adaptive: per sequence, from the
+    # hidden state after `router_after` blocks (0 = the embeddings) and the budget
+    router: Literal["static", "adaptive"] = "static"
+    router_after: int = 0
+    router_hidden: int = 64
+    # what a budget is a fraction of: parameters (CPU proxy) or measured latency (a table written by
+    # `python -m pretrain elastic-profile` on the target GPU)
+    cost: Literal["params", "latency"] = "params"
+    latency_table: str | None = None
+
+    def ffn_widths(self, ffn_hidden: int) -> list[int]:
+        g = self.neuron_granularity
+        return [ffn_hidden if f == 1.0 else max(g, round(f * ffn_hidden / g) * g) for f in self.ffn_fractions]
+
+    def head_groups(self, kv_heads: int) -> list[int]:
+        return [max(1, round(f * kv_heads)) for f in self.head_fractions]
+
+    @model_validator(mode="after")
+    def _choices(self) -> "ElasticConfig":
+        for name in ("ffn_fractions", "head_fractions"):
+            fr = getattr(self, name)
+            if not fr or fr[0] != 1.0 or any(not 0.0 < f <= 1.0 for f in fr) or sorted(fr, reverse=True) != fr:
+                raise ValueError(f"{name} must start at 1.0 and decrease within (0, 1], got {fr}")
+        if not self.budgets or any(not 0.0 < b < 1.0 for b in self.budgets) or len(set(self.budgets)) != len(self.budgets):
+            raise ValueError(f"budgets must be distinct fractions within (0, 1), got {self.budgets}")
+        if self.neuron_granularity < 1 or self.router_hidden < 1 or self.router_after < 0:
+            raise ValueError("neuron_granularity and router_hidden must be >= 1, router_after >= 0")
+        if self.cost == "latency" and not self.latency_table:
+            raise ValueError("cost: latency needs latency_table (python -m pretrain elastic-profile writes one)")
+        return self
+
+
 class ModelConfig(Section):
     arch: Literal["llama", "subllm", "hgrnbit"] = "llama"  # model family; a checkpoint only loads into the same family
     # One character per block, over the block registry (pretrain/models/structure.py): "TTTT" is
@@ -73,6 +117,11 @@ class ModelConfig(Section):
     bitlinear_fused: bool = True  # fused kernels, int8 codes saved; false = the unfused reference graph
     init_std: float = 0.02  # output projections use init_std / sqrt(2 * n_blocks)
     subsample: SubsampleConfig = SubsampleConfig()
+    elastic: ElasticConfig = ElasticConfig()
+    # per-block widths of a sub-network exported from an elastic model (`python -m pretrain export
+    # --budget`): SwiGLU widths and query groups (KV heads); None = ffn_hidden / n_kv_heads everywhere
+    ffn_hidden_layers: list[int] | None = None
+    kv_heads_layers: list[int] | None = None
 
     @property
     def n_blocks(self) -> int:
@@ -85,6 +134,16 @@ class ModelConfig(Section):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def block_ffn(self, layer: int) -> int:
+        return self.ffn_hidden_layers[layer] if self.ffn_hidden_layers else self.ffn_hidden
+
+    def block_kv_heads(self, layer: int) -> int:
+        return self.kv_heads_layers[layer] if self.kv_heads_layers else self.kv_heads
+
+    def block_heads(self, layer: int) -> int:
+        """Query heads of block `layer`: its query groups x the heads per group."""
+        return self.block_kv_heads(layer) * (self.n_heads // self.kv_heads)
 
     @model_validator(mode="after")
     def _shapes(self) -> "ModelConfig":
@@ -114,6 +173,23 @@ class ModelConfig(Section):
             raise ValueError("arch: hgrnbit goes with HGRN-Bit blocks 'H' in the structure, and only with them")
         if levels and self.arch != "subllm":
             raise ValueError("a structure with subsampled levels '(...)' needs arch: subllm")
+        for name, full in (("ffn_hidden_layers", self.ffn_hidden), ("kv_heads_layers", self.kv_heads)):
+            widths = getattr(self, name)
+            if widths is not None and (len(widths) != self.n_blocks or any(not 0 < w <= full for w in widths)):
+                raise ValueError(f"{name} needs one width within [1, {full}] per block ({self.n_blocks}), got {widths}")
+        e = self.elastic
+        if e.enabled:
+            if self.linear != "dense" or set(self.structure) - set("T()"):
+                raise ValueError("elastic widths need LLaMA blocks 'T' with dense linears")
+            if self.ffn_hidden_layers or self.kv_heads_layers:
+                raise ValueError("an elastic model has uniform full widths (ffn_hidden_layers / kv_heads_layers "
+                                 "describe an exported sub-network)")
+            if e.router_after > self.n_blocks:
+                raise ValueError(f"elastic.router_after={e.router_after} is past the {self.n_blocks} blocks")
+            for name, widths in (("ffn_fractions", e.ffn_widths(self.ffn_hidden)),
+                                 ("head_fractions", e.head_groups(self.kv_heads))):
+                if len(set(widths)) != len(widths):
+                    raise ValueError(f"elastic.{name} round to repeated widths {widths}")
         return self
 
 
@@ -135,6 +211,30 @@ class DataConfig(Section):
     workers: int = 1  # DataLoader worker processes per rank (0 = read in the main process)
 
 
+class ElasticTrainingConfig(Section):
+    """Elastic continued training (Flextron, docs/flextron.md): every micro-batch trains the full model
+    or a sub-network the router picks for a sampled budget, distilled from the frozen starting model."""
+
+    enabled: bool = False
+    full_prob: float = 0.33  # probability a micro-batch trains the full model (keeps it from degrading)
+    distill_weight: float = 1.0  # loss = CE + w * T^2 * KL(teacher || student); 0 = no teacher
+    distill_temperature: float = 1.0
+    budget_loss_weight: float = 1.0  # + w * max(0, |cost(choice) / (budget * full cost) - 1| - tolerance)
+    budget_tolerance: float = 0.05
+    gumbel_temperature: float = 1.0  # router sampling (straight-through Gumbel-softmax)
+    eval_budgets: bool = True  # validation also measures every budget's sub-network (val_loss_budget_B)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "ElasticTrainingConfig":
+        if not 0.0 <= self.full_prob <= 1.0:
+            raise ValueError(f"full_prob must be within [0, 1], got {self.full_prob}")
+        if self.distill_temperature <= 0 or self.gumbel_temperature <= 0:
+            raise ValueError("distill_temperature and gumbel_temperature must be positive")
+        if self.distill_weight < 0 or self.budget_loss_weight < 0 or self.budget_tolerance < 0:
+            raise ValueError("distill_weight, budget_loss_weight and budget_tolerance must be >= 0")
+        return self
+
+
 class TrainingConfig(Section):
     steps: int = 300
     micro_batch_size: int = 8  # sequences per rank per micro-step
@@ -146,6 +246,7 @@ class TrainingConfig(Section):
     eval_batches: int = 4  # micro-batches per rank in one validation pass
     log_every: int = 10  # steps between printed log lines
     max_bad_steps: int = 5  # abort after this many consecutive non-finite losses
+    elastic: ElasticTrainingConfig = ElasticTrainingConfig()
 
     @model_validator(mode="after")
     def _batch(self) -> "TrainingConfig":
@@ -193,6 +294,9 @@ class CheckpointConfig(Section):
     # never: start fresh (refused if the run folder already holds checkpoints);
     # any other string: a checkpoint folder (a step_* folder or a run's checkpoints folder).
     resume: str = "auto"
+    # start a fresh run from these weights (a checkpoint folder, any tensor-parallel size): no optimizer
+    # state, step 0. Elastic continued training starts from an `elastify` output this way.
+    init_from: str | None = None
 
 
 class TrackingConfig(Section):
@@ -230,6 +334,16 @@ class RunConfig(Section):
             if decay_start(point, s.decay_fraction) < s.warmup_steps:
                 raise ValueError(f"schedule.decay_points: the decay ending at {point} would start at step "
                                  f"{decay_start(point, s.decay_fraction)}, inside the {s.warmup_steps} warm-up steps")
+        return self
+
+    @model_validator(mode="after")
+    def _elastic(self) -> "RunConfig":
+        e = self.training.elastic
+        if e.enabled and not self.model.elastic.enabled:
+            raise ValueError("training.elastic.enabled needs model.elastic.enabled (an elastified model)")
+        if e.enabled and e.distill_weight > 0 and not self.checkpoint.init_from:
+            raise ValueError("training.elastic.distill_weight > 0 distils from the starting model: set "
+                             "checkpoint.init_from (or distill_weight=0)")
         return self
 
     def to_yaml(self) -> str:
@@ -337,6 +451,7 @@ def check_layout(cfg: RunConfig, world_size: int) -> int:
         raise ConfigError(f"model.d_model={m.d_model} (MLGRU channels) is not divisible by parallel.tensor={p.tensor}")
     if m.ffn_hidden % p.tensor:
         raise ConfigError(f"model.ffn_hidden={m.ffn_hidden} is not divisible by parallel.tensor={p.tensor}")
+    check_widths(m, p.tensor)
     dp = world_size // (p.tensor * p.pipeline)
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
@@ -347,6 +462,18 @@ def check_layout(cfg: RunConfig, world_size: int) -> int:
     if m.vocab_size is not None and m.vocab_size % p.tensor:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tensor={p.tensor}")
     return dp
+
+
+def check_widths(m: ModelConfig, tp: int) -> None:
+    """Every elastic or per-block width splits evenly over `tp` ranks (each rank slices its share)."""
+    widths = {"model.ffn_hidden_layers": m.ffn_hidden_layers or [], "model.kv_heads_layers": m.kv_heads_layers or []}
+    if m.elastic.enabled:
+        widths["elastic MLP widths (model.elastic.ffn_fractions)"] = m.elastic.ffn_widths(m.ffn_hidden)
+        widths["elastic query groups (model.elastic.head_fractions)"] = m.elastic.head_groups(m.kv_heads)
+    for name, values in widths.items():
+        bad = [w for w in values if w % tp]
+        if bad:
+            raise ConfigError(f"{name} {values}: {bad} not divisible by parallel.tensor={tp}")
 
 
 def padded_vocab(tokenizer_vocab: int, multiple: int) -> int:

@@ -44,66 +44,59 @@ def sample_next(logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-def _model_state(path: Path, meta: dict, tp_rank: int) -> dict[str, torch.Tensor]:
-    """The module weights of this TP rank from a DeepSpeed checkpoint folder."""
-    stage = meta["config"]["parallel"]["zero_stage"]
-    if stage == 3:  # weights live partitioned in the optimizer shards: consolidate them
-        if meta["config"]["parallel"]["tensor"] != 1:
-            raise CheckpointError(f"{path}: generation from a ZeRO-3 checkpoint with tensor parallelism needs "
-                                  "a universal-checkpoint conversion first")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    shard = path / f"mp_rank_{tp_rank:02d}_model_states.pt"
-    if not shard.is_file():
-        raise CheckpointError(f"{path}: missing {shard.name}")
-    return torch.load(shard, map_location="cpu", weights_only=False)["module"]
-
-
 class Generator:
     """Load a checkpoint for inference. `checkpoint`: a run dir, its checkpoints/ dir or a step_* dir."""
 
-    def __init__(self, checkpoint: str | Path, *, dtype: torch.dtype | None = None, packed: bool = False):
+    def __init__(self, checkpoint: str | Path, *, dtype: torch.dtype | None = None, packed: bool = False,
+                 budget: float | str | None = None, budget_target: float | None = None):
         """packed: a ternary model decodes with 2-bit packed weights (int8 × ternary kernels) instead of
-        its fake-quantized latent weights; a packed export (pretrain/export.py) always does."""
-        path = Path(checkpoint)
-        for candidate in (path, path / "checkpoints"):
-            if (candidate / ckpt.META).is_file():
-                path = candidate
-                break
-            if (candidate / ckpt.LATEST).is_file():
-                path = ckpt.read_latest(candidate)
-                break
-        else:
-            raise CheckpointError(f"{checkpoint}: no checkpoint found (expected a run dir, its checkpoints/ "
-                                  f"folder or a step_* folder)")
-        meta = ckpt.read_meta(path)
-        self.cfg = config_from_dict(meta["config"])
+        its fake-quantized latent weights; a packed export (pretrain/export.py) always does.
+        budget (an elastic model): a number serves the static router's sub-network for it; "auto" routes
+        each prompt with the adaptive router at `budget_target` (pretrain/subnetwork.py).
 
-        from parallel.distributed import init_distributed
+        Runs at the tensor-parallel size it is launched with (torchrun ranks; one process = 1), whatever
+        size the checkpoint was written at; a packed export keeps its own."""
+        from parallel.bitlinear import pack_bitlinears
+        from parallel.distributed import init_distributed, world_size_from_env
+        from pretrain import export, subnetwork
         from pretrain.data import load_tokenizer
         from pretrain.models import build_network
 
-        from parallel.bitlinear import pack_bitlinears
-        from pretrain import export
-
-        self.packed = packed or meta.get("format") == export.FORMAT
+        path = ckpt.find(checkpoint)
+        meta = ckpt.read_meta(path)
+        self.cfg = config_from_dict(meta["config"])
+        exported = meta.get("format") == export.FORMAT
+        self.packed = packed or exported
         if self.packed and self.cfg.model.linear != "ternary":
             raise ConfigError(f"{path}: packed weights need a ternary model (model.linear is "
                               f"{self.cfg.model.linear!r})")
-        layout = init_distributed(self.cfg.parallel.tensor)
+        if budget is not None:
+            subnetwork.check_elastic(self.cfg, path, budget)
+        tp = self.cfg.parallel.tensor if exported else world_size_from_env()
+        from pretrain.config import check_widths
+
+        check_widths(self.cfg.model, tp)
+        layout = init_distributed(tp)
         torch.manual_seed(0)
         model = build_network(self.cfg.model)
-        if meta.get("format") == export.FORMAT:  # codes and scales as exported: load them as they are
+        self.elastic, self.budget_target, self._subnets = None, budget_target, {}
+        if exported:  # codes and scales as exported: load them as they are
             pack_bitlinears(model, quantize=False)
             state = export.load_packed_state(path, layout.tp_rank)
-        else:
-            state = _model_state(path, meta, layout.tp_rank)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:4]}, "
-                                  f"unexpected {unexpected[:4]})")
-        if self.packed and meta.get("format") != export.FORMAT:  # latent weights: quantize them once, here
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:4]}, "
+                                      f"unexpected {unexpected[:4]})")
+        elif budget is None:
+            ckpt.load_weights(path, model)
+        else:  # Flextron: cut sub-networks out of the logical weights
+            logical = ckpt.load_weights(path, model, logical=True)
+            if budget == "auto":  # per prompt: keep the elastic model to route with (generate_ids)
+                self.elastic, self._logical = model, logical
+                self.budget_target = budget_target or model.router.budgets[len(model.router.budgets) // 2]
+            else:
+                model = subnetwork.build(model, logical, *subnetwork.widths(model, *model.router.static_choice(budget)))
+        if self.packed and not exported:  # latent weights: quantize them once, here
             pack_bitlinears(model)
         self.path = path
         self._setup(model, layout, load_tokenizer(path / "tokenizer.json"), dtype)
@@ -115,7 +108,7 @@ class Generator:
         from parallel.tensor_parallel import tp_size
 
         self = cls.__new__(cls)
-        self.cfg, self.path, self.packed = None, None, False
+        self.cfg, self.path, self.packed, self.elastic = None, None, False, None
         self._setup(model, init_distributed(tp_size()), tokenizer, dtype)
         return self
 
@@ -185,7 +178,33 @@ class Generator:
     def generate_ids(self, prompts: torch.Tensor | list[list[int]], s: SamplingConfig,
                      ff: FFSelection | None = None) -> torch.Tensor:
         """prompts: [b, n] ids, or b lists of ids of any lengths -> generated ids [b, max_new_tokens].
-        ff: GRIFFIN (or a baseline) FF selection for the decoded tokens; None = the full model."""
+        ff: GRIFFIN (or a baseline) FF selection for the decoded tokens; None = the full model.
+        An adaptive Flextron model (budget "auto") routes every prompt, then decodes each group of
+        prompts that got the same widths with that sub-network."""
+        if self.elastic is None:
+            return self._generate_ids(prompts, s, ff)
+        from pretrain import subnetwork
+
+        prompts = [torch.as_tensor(p, dtype=torch.long).view(-1) for p in prompts]
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(prompts):
+            mi, hi = subnetwork.prompt_choice(self.elastic, p[None].to(self.layout.device), self.budget_target)
+            groups.setdefault((tuple(mi), tuple(hi)), []).append(i)
+        out = [None] * len(prompts)
+        self.choices = []  # per group: (prompt indexes, MLP widths, query groups) of the last call
+        for (mi, hi), rows in groups.items():
+            widths = subnetwork.widths(self.elastic, list(mi), list(hi))
+            if (mi, hi) not in self._subnets:
+                net = subnetwork.build(self.elastic, self._logical, *widths)
+                self._subnets[(mi, hi)] = net.to(device=self.layout.device, dtype=self.dtype).eval()
+            self.model = self._subnets[(mi, hi)]
+            self.choices.append((rows, *widths))
+            for r, ids in zip(rows, self._generate_ids([prompts[r] for r in rows], s, ff)):
+                out[r] = ids
+        self.model = self.elastic
+        return torch.stack(out)
+
+    def _generate_ids(self, prompts, s: SamplingConfig, ff: FFSelection | None) -> torch.Tensor:
         from parallel.tensor_parallel import gather_vocab
 
         logits, step = self.prefill(prompts, s.max_new_tokens - 1, ff)

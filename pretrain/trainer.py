@@ -63,7 +63,7 @@ def flops_per_token(cfg) -> float:
         elif item.kind == "close":
             ratios.pop()
         else:
-            total += BLOCKS[item.char].train_flops(m, math.prod(ratios))
+            total += BLOCKS[item.char].train_flops(m, math.prod(ratios), item.index)
     return total + 6 * m.d_model * m.vocab_size
 
 
@@ -97,6 +97,12 @@ class Trainer:
             parallel = {**cfg.parallel.model_dump(), "dp_size": self.dp_size}
             ckpt.check_compatible(ckpt.read_meta(self.resume_from), cfg.model.model_dump(mode="json"), parallel,
                                   self.resume_from)
+        self.init_from = None  # weights to start from (elastic continued training starts from elastify's output)
+        if cfg.checkpoint.init_from:
+            self.init_from = ckpt.find(cfg.checkpoint.init_from)
+            # the router's settings (model.elastic) may differ: its weights are new when the source has none
+            ckpt.check_model(ckpt.read_meta(self.init_from), cfg.model.model_dump(mode="json"), self.init_from,
+                             ignore=("elastic",))
         self.grad_accum = cfg.training.global_batch_size // (cfg.training.micro_batch_size * self.dp_size)
 
         # 2. process groups
@@ -114,8 +120,21 @@ class Trainer:
         from pretrain.optim import build_optimizer, build_scheduler
 
         torch.manual_seed(cfg.training.seed)
-        model = build_network(cfg.model).to(self.device)
+        model = build_network(cfg.model)
+        if self.init_from is not None:  # before the engine: DeepSpeed/ZeRO take the model as it is then
+            ckpt.load_weights(self.init_from, model)
+        model = model.to(self.device)
         self.params = count_parameters(model, cfg.model)
+        self.elastic = None  # Flextron's elastic continued training (pretrain/elastic_training.py)
+        if cfg.training.elastic.enabled:
+            from pretrain.elastic_training import ElasticTraining
+
+            teacher = None
+            if cfg.training.elastic.distill_weight > 0:  # the frozen starting model, full width
+                teacher = build_network(cfg.model)
+                ckpt.load_weights(self.init_from, teacher)
+                teacher = teacher.to(self.device, torch.bfloat16 if self.bf16 else torch.float32)
+            self.elastic = ElasticTraining(cfg, model, dp_rank=self.layout.dp_rank, teacher=teacher)
         optimizer = build_optimizer(model, cfg.optimizer, fused=self.device.type == "cuda")
         scheduler = build_scheduler(optimizer, cfg)
         ds_config = zero.engine_config(micro_batch=cfg.training.micro_batch_size, grad_accum=self.grad_accum,
@@ -202,8 +221,13 @@ class Trainer:
 
         engine = self.engine
         losses = []
-        for inputs, targets in self._micro_batches():
-            loss = engine(inputs, targets)
+        if self.elastic is not None:
+            self.elastic.stats = {}  # what a skipped step noted is not this step's
+        for micro, (inputs, targets) in enumerate(self._micro_batches()):
+            if self.elastic is not None:  # a budget, the router's sub-network, distillation
+                loss = self.elastic.loss(engine, inputs, targets, self.step, micro)
+            else:
+                loss = engine(inputs, targets)
             engine.backward(loss)  # a non-finite loss poisons the gradients: the step is dropped below
             losses.append(loss.detach())
         local = torch.stack(losses)
@@ -226,14 +250,18 @@ class Trainer:
     def validation_metrics(self) -> dict[str, float]:
         """val_loss; for SUBLLM also the inference rule's loss (keep iff score > 0) and the gap."""
         out = {"val_loss": self.evaluate()}
+        if self.elastic is not None and self.cfg.training.elastic.eval_budgets:  # every budget's sub-network
+            for b in self.elastic.budgets:
+                out[f"val_loss_budget_{b:g}"] = self.evaluate(budget=b)
         if self.engine.module.subsampled:
             out["val_loss_threshold"] = self.evaluate(threshold=True)
             out["val_loss_threshold_gap"] = out["val_loss_threshold"] - out["val_loss"]
         return out
 
     @torch.no_grad()
-    def evaluate(self, threshold: bool = False) -> float | None:
-        """Mean validation loss over the first val sequences (the same ones every time)."""
+    def evaluate(self, threshold: bool = False, budget: float | None = None) -> float | None:
+        """Mean validation loss over the first val sequences (the same ones every time); `budget`: of
+        the sub-network an elastic model's router picks for it (no sampling)."""
         self.engine.eval()
         total = torch.zeros(2, device=self.device)  # (sum of per-sequence mean losses, sequences)
         for batch in val_batches(self.val, dp_rank=self.layout.dp_rank, dp_size=self.dp_size,
@@ -241,7 +269,8 @@ class Trainer:
                                  max_batches=self.cfg.training.eval_batches):
             batch = batch.to(self.device)
             n = batch.shape[0]
-            loss = self.engine(batch[:, :-1], batch[:, 1:], threshold=threshold)
+            elastic = self.engine.module.elastic_state(n, budget) if budget is not None else None
+            loss = self.engine(batch[:, :-1], batch[:, 1:], threshold=threshold, elastic=elastic)
             total += torch.stack([loss.float() * n,
                                   torch.tensor(float(n), device=self.device)])
         dist.all_reduce(total, group=self._dp_group)
@@ -322,6 +351,8 @@ class Trainer:
                 metrics["skipped_steps"] = self.skipped_steps
                 metrics["samples_consumed"] = self.loader.samples_consumed_total
                 metrics["tokens"] = self.step * tokens_per_step  # an x-axis for the MLflow charts
+                if self.elastic is not None:
+                    metrics.update(self.elastic.step_metrics())
                 diag = self.engine.module.diagnostics()
                 if diag:  # one device-to-host transfer for all of them
                     metrics.update(zip(diag, torch.stack(list(diag.values())).tolist()))
@@ -339,6 +370,11 @@ class Trainer:
                 every = cfg.checkpoint.every
                 if self.step == t.steps or (every and self.step % every == 0):
                     self.save()
+            if self.elastic is not None and self.layout.is_rank0:  # the sub-network each budget names now
+                import json
+
+                self.tracker.log_text(json.dumps(self.elastic.choices(self.engine.module), indent=1),
+                                      "elastic_choices.json")
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"

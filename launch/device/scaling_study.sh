@@ -9,31 +9,7 @@
 set -euo pipefail
 limit=${1:?seconds}; shift
 study=${1:-llama-vs-subllm}; shift || true
-if [ ! -f data/pycode-512/meta.json ]; then
-  # one document per source file; files that are not UTF-8, over 1 MB or exact duplicates are left out
-  python3 - <<'PY'
-import hashlib, os, sysconfig
-from pathlib import Path
-out, seen, total = Path("data/pycode-src"), set(), 0
-out.mkdir(parents=True, exist_ok=True)
-for root in sorted({sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]}):
-    for path in sorted(Path(root).rglob("*.py")):
-        try:
-            raw = path.read_bytes()
-            raw.decode("utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        digest = hashlib.sha1(raw).hexdigest()
-        if len(raw) > 2**20 or not raw.strip() or digest in seen:
-            continue
-        seen.add(digest)
-        total += len(raw)
-        (out / f"{digest}.py").write_bytes(raw)
-print(f"corpus: {len(seen)} files, {total / 1e6:.0f} MB")
-PY
-  time python3 -m pretrain prepare-data --input 'data/pycode-src/*.py' --tokenizer train \
-      --vocab-size 8192 --seq-len 512 --samples-per-shard 8192 --val-fraction 0.002 --out data/pycode-512 --overwrite
-fi
+bash launch/device/pycode_corpus.sh
 python3 -m pretrain scaling plan --study $study "$@"
 timeout -s TERM "$limit" python3 -m pretrain scaling run --study $study "$@" || echo "scaling run stopped: $?"
 # $OUT brings back at most 8 files: one archive of the study (its checkpoints stay behind)

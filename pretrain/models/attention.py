@@ -116,33 +116,55 @@ def ragged_mask(past: torch.Tensor, s: int, t: int, device) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, spec, init_std: float, out_std: float):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, spec, init_std: float, out_std: float,
+                 head_dim: int | None = None, elastic: bool = False):
+        """head_dim: d_model // n_heads unless given (a sub-network exported with fewer heads keeps its
+        parent's head size). elastic: Flextron's unit is a query group (a KV head and its query heads)."""
         super().__init__()
-        self.head_dim = d_model // n_heads
+        self.head_dim = head_dim or d_model // n_heads
         self.heads = n_heads // spec.tp_size  # local (this TP rank's) query heads
         self.kv_heads = n_kv_heads // spec.tp_size  # local KV heads: whole query groups per rank
         # Separate q/k/v keep the logical weight layout TP-independent: shard r of each holds the
-        # same contiguous query groups, so a checkpoint re-shards by plain splitting.
+        # same query groups, so a checkpoint re-shards by plain splitting.
         self.q = spec.column(d_model, n_heads * self.head_dim, init_std=init_std)
         self.k = spec.column(d_model, n_kv_heads * self.head_dim, init_std=init_std)
         self.v = spec.column(d_model, n_kv_heads * self.head_dim, init_std=init_std)
         self.o = spec.row(n_heads * self.head_dim, d_model, init_std=out_std)
+        if elastic:  # rows (q, k, v) or columns (o) of one query group, dealt round-robin over TP ranks
+            group = self.head_dim * (n_heads // n_kv_heads)
+            self.q.weight.elastic_unit = self.o.weight.elastic_unit = group
+            self.k.weight.elastic_unit = self.v.weight.elastic_unit = self.head_dim
+
+    def _projections(self, groups: int | None):
+        """(q, k, v, o, query heads, kv heads) of this rank: the full linears, or a Flextron sub-network's
+        first `groups` query groups as sliced views of their weights (parallel/sliced.py)."""
+        if groups is None or groups >= self.kv_heads:
+            return self.q, self.k, self.v, self.o, self.heads, self.kv_heads
+        from parallel.sliced import column_slice, row_slice
+
+        heads, hd = groups * (self.heads // self.kv_heads), self.head_dim
+        return (lambda x: column_slice(x, self.q.weight, heads * hd),
+                lambda x: column_slice(x, self.k.weight, groups * hd),
+                lambda x: column_slice(x, self.v.weight, groups * hd),
+                lambda x: row_slice(x, self.o.weight, heads * hd), heads, groups)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: KVCache | None = None, rows: torch.Tensor | None = None,
-                active: torch.Tensor | None = None) -> torch.Tensor:
+                active: torch.Tensor | None = None, groups: int | None = None) -> torch.Tensor:
         """x [b, s, d]; with a cache, x's batch rows are cache rows `rows` (None = all rows);
-        `active` (device bool [b]): a SUBLLM decode step where only those rows keep their token."""
+        `active` (device bool [b]): a SUBLLM decode step where only those rows keep their token;
+        `groups`: a Flextron sub-network's query groups on this rank (None = all; training only)."""
         b, s, _ = x.shape
-        q = self.q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q_proj, k_proj, v_proj, o_proj, heads, kv_heads = self._projections(groups)
+        q = q_proj(x).view(b, s, heads, self.head_dim).transpose(1, 2)
+        k = k_proj(x).view(b, s, kv_heads, self.head_dim).transpose(1, 2)
+        v = v_proj(x).view(b, s, kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
 
         if cache is not None and active is not None:  # a decode step: one token per row, sync-free
             k, v, visible = cache.append_masked(k, v, active)
             out = decode_attention(q, k, v, visible)
-            return self.o(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+            return o_proj(out.transpose(1, 2).reshape(b, s, heads * self.head_dim))
         mask, causal = None, True
         if cache is not None:
             k, v, past = cache.append(k, v, rows)
@@ -154,6 +176,6 @@ class Attention(nn.Module):
             elif first > 0:  # a chunk after a prefix: token i sees cache + new tokens <= i
                 mask = torch.ones(s, first + s, dtype=torch.bool, device=x.device).tril(diagonal=first)
                 causal = False
-        gqa = self.heads != self.kv_heads
+        gqa = heads != kv_heads
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-        return self.o(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+        return o_proj(out.transpose(1, 2).reshape(b, s, heads * self.head_dim))

@@ -111,7 +111,7 @@ class HGRNBlock(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden, spec=spec, init_std=cfg.init_std, out_std=out_std)
 
     @staticmethod
-    def train_flops(cfg, r: float = 1.0) -> float:
+    def train_flops(cfg, r: float = 1.0, layer: int = 0) -> float:
         """W_f, W_c, W_g, W_o and the GLU; the recurrence is O(d) per token (no attention term)."""
         return r * 6 * (4 * cfg.d_model ** 2 + 3 * cfg.d_model * cfg.ffn_hidden)
 

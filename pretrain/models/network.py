@@ -12,7 +12,9 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from pretrain.models.elastic import ElasticState
 from pretrain.models.layers import RMSNorm, Rotary
+from pretrain.models.router import Router
 from pretrain.models.spec import layer_spec
 from pretrain.models.structure import BLOCKS, parse_structure
 from pretrain.models.subsample import Subsample, Upsample
@@ -31,6 +33,7 @@ class Payload(NamedTuple):
     rows: torch.Tensor | None = None  # host LongTensor [b]: the cache rows of hidden's rows (None = 0..b-1)
     active: torch.Tensor | None = None  # SUBLLM batched decode: device bool [b], rows whose token is kept here
     experts: list | None = None  # GRIFFIN: per-block griffin.Experts during generation
+    elastic: ElasticState | None = None  # Flextron: the micro-batch's budget and, after the router, its widths
 
 
 class Embedding(nn.Module):
@@ -89,18 +92,28 @@ class Network(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layers = nn.ModuleList(layers)
+        # Flextron: the router runs right after layer `router_at` (the embeddings, or block router_after)
+        # and decides every block's widths; blocks before it run at full width. Outside `layers`, so an
+        # elastic model's weights keep a plain model's names (elastify and export map them one to one).
+        self.router = Router(cfg) if cfg.elastic.enabled else None
+        self.router_at = None
+        if self.router is not None:
+            after = cfg.elastic.router_after
+            self.router_at = 0 if after == 0 else next(
+                i for i, m in enumerate(layers) if getattr(m, "layer_id", None) == after - 1)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 caches: list | None = None, start_pos: int | torch.Tensor = 0, rows: torch.Tensor | None = None,
                 threshold: bool = False, active: torch.Tensor | None = None,
-                experts: list | None = None) -> torch.Tensor:
+                experts: list | None = None, elastic: ElasticState | None = None) -> torch.Tensor:
         """threshold=True: SUBLLM's inference rule (keep iff score > 0).
 
         Generation: `caches` (one KVCache per block), `rows` the cache rows of tokens' rows (host
         LongTensor [b]; None = 0..b-1) and `start_pos` the position of tokens[:, 0], an int or one
         per row (LongTensor [b]) when the rows' caches hold different lengths. `active` (device
         bool [b], all true): a decode step of every row on the sync-free path (see DecodeStep);
-        a one-token step of a whole batch takes it anyway. `experts`: GRIFFIN's per-block state."""
+        a one-token step of a whole batch takes it anyway. `experts`: GRIFFIN's per-block state.
+        `elastic`: Flextron's budget per row (see `elastic_state`); None = the full model."""
         b, s = tokens.shape
         if rows is not None:
             rows = rows.cpu()
@@ -117,9 +130,11 @@ class Network(nn.Module):
         if caches is not None and s == 1 and b > 1 and rows is None and active is None:
             active = torch.ones(b, dtype=torch.bool, device=tokens.device)
         p = self.payload(tokens, caches=caches, start_pos=start_pos, rows=rows, threshold=threshold, active=active,
-                         experts=experts)
-        for layer in self.layers:
+                         experts=experts, elastic=elastic)
+        for i, layer in enumerate(self.layers):
             p = layer(p)
+            if i == self.router_at:
+                p = self.router(p)
         if targets is None:
             return p.hidden
         from parallel.tensor_parallel import vocab_parallel_cross_entropy
@@ -158,13 +173,31 @@ class Network(nn.Module):
         the whole network, as DeepSpeed's own example does for a weight shared by two children."""
         return [(self, m._tied[0].tok.weight) for m in self.layers if isinstance(m, Head) and m._tied]
 
+    def elastic_state(self, batch: int, budget: float, generator: torch.Generator | None = None) -> ElasticState:
+        """Every row of a micro-batch at `budget` (1.0 = the full model). With a generator (training)
+        the router samples its choice with Gumbel noise drawn from it: seed it without the TP rank."""
+        from pretrain.models.router import gumbel_noise
+
+        noise = gumbel_noise(batch, self.cfg, generator) if generator is not None and budget < 1.0 else None
+        return ElasticState(budget=torch.full((batch,), float(budget)), noise=noise)
+
     def blocks(self) -> list[nn.Module]:
         return [m for m in self.layers if getattr(m, "layer_id", None) is not None]
 
 
 def build_network(cfg) -> Network:
     """cfg: ModelConfig with vocab_size resolved. Needs parallel_state initialized."""
-    return Network(cfg, build_layers(cfg))
+    if cfg.elastic.enabled or cfg.ffn_hidden_layers or cfg.kv_heads_layers:
+        from parallel.tensor_parallel import tp_size
+        from pretrain.config import check_widths
+
+        check_widths(cfg, tp_size())  # every rank must get an equal share of every width
+    net = Network(cfg, build_layers(cfg))
+    if cfg.elastic.enabled:  # elastic units dealt round-robin over TP ranks (identity at TP=1)
+        from parallel.elastic_layout import deal_round_robin
+
+        deal_round_robin(net)
+    return net
 
 
 def count_parameters(model: nn.Module, cfg) -> dict[str, int]:

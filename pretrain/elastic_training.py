@@ -1,0 +1,82 @@
+"""Elastic continued training (Flextron): one budget per micro-batch, the router's choice, distillation.
+
+Per micro-batch, seeded by (seed, step, micro-batch, data-parallel rank) and never by the TP rank, so
+every TP rank of a replica trains the same sub-network while replicas sample independently:
+    budget B = 1.0 (the full model) with probability full_prob, else uniform over model.elastic.budgets
+    the router samples per-block widths for B (straight-through Gumbel-softmax, router.py)
+    loss = CE(student) + w_kd · T² · KL(teacher ‖ student) + w_budget · L_budget
+The teacher is the frozen starting model (checkpoint.init_from) at full width; on a resume it is
+loaded from there again, never from the partly trained weights.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+
+class ElasticTraining:
+    def __init__(self, cfg, model: torch.nn.Module, *, dp_rank: int, teacher: torch.nn.Module | None):
+        """cfg: RunConfig; model: the elastic network; teacher: the starting model (frozen here) or None."""
+        self.t = cfg.training.elastic
+        self.budgets = list(cfg.model.elastic.budgets)
+        self.seed, self.dp_rank = cfg.training.seed, dp_rank
+        model.router.tolerance, model.router.tau = self.t.budget_tolerance, self.t.gumbel_temperature
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        self.stats: dict[str, list[torch.Tensor]] = {}
+
+    def sample(self, step: int, micro: int, batch: int, model) -> tuple[float, object]:
+        """(budget, ElasticState) of one micro-batch."""
+        seed = hash((self.seed, step, micro, self.dp_rank)) & 0x7FFF_FFFF  # ints hash deterministically
+        rng = random.Random(seed)
+        budget = 1.0 if rng.random() < self.t.full_prob else rng.choice(self.budgets)
+        return budget, model.elastic_state(batch, budget, torch.Generator().manual_seed(seed))
+
+    def loss(self, engine, inputs: torch.Tensor, targets: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        from parallel.tensor_parallel import vocab_parallel_cross_entropy, vocab_parallel_kl
+
+        net = engine.module
+        budget, state = self.sample(step, micro, inputs.shape[0], net)
+        logits = engine(inputs, elastic=state)
+        ce = vocab_parallel_cross_entropy(logits, targets).mean()
+        loss = ce
+        self._note(f"ce_budget_{budget:g}", ce)
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher = self.teacher(inputs)
+            temp = self.t.distill_temperature
+            kl = vocab_parallel_kl(logits, teacher, temp).mean()
+            loss = loss + self.t.distill_weight * temp ** 2 * kl
+            self._note("kl", kl)
+        if budget < 1.0:
+            loss = loss + self.t.budget_loss_weight * net.router.budget_loss
+            self._note("budget_loss", net.router.budget_loss)
+            self._note(f"cost_ratio_{budget:g}", net.router.cost_ratio)
+        self._note("full_fraction", torch.tensor(float(budget >= 1.0)))
+        return loss
+
+    def _note(self, key: str, value: torch.Tensor) -> None:
+        self.stats.setdefault(key, []).append(value.detach())
+
+    def step_metrics(self) -> dict[str, float]:
+        """Means over this step's micro-batches on this rank (one host transfer), then reset."""
+        if not self.stats:
+            return {}
+        keys = list(self.stats)
+        values = torch.stack([torch.stack(self.stats[k]).float().mean() for k in keys]).tolist()
+        self.stats = {}
+        return {f"elastic/{k}": v for k, v in zip(keys, values)}
+
+    @staticmethod
+    def choices(model) -> dict[str, dict]:
+        """What the router picks for every budget (a static router; an adaptive one: with no input signal)."""
+        router = model.router
+        out = {}
+        for b in router.budgets:
+            if router.adapt is not None:
+                break
+            mi, hi = router.static_choice(b)
+            out[f"{b:g}"] = {"mlp_widths": [router.cost.widths[i] for i in mi],
+                             "query_groups": [router.cost.groups[i] for i in hi],
+                             "cost_ratio": router.cost.predict(mi, hi) / router.cost.full}
+        return out
