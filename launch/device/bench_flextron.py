@@ -26,15 +26,56 @@ from pretrain.models import build_network
 BUDGETS = (1.0, 0.75, 0.5, 0.25)
 
 
+def bench_train(cfg, *, micro: int, seq: int, steps: int = 6) -> list[dict]:
+    """Forward + backward of the elastic model itself at each budget (the static router's sliced
+    sub-network, no teacher): tokens/s and peak memory. What elastic training costs per sub-network."""
+    import time
+
+    from parallel.tensor_parallel import vocab_parallel_cross_entropy
+
+    torch.manual_seed(0)
+    net = build_network(cfg.model).cuda().to(torch.bfloat16)
+    x = torch.randint(0, cfg.model.vocab_size, (micro, seq + 1), device="cuda")
+    rows = []
+    for budget in BUDGETS:
+        state = net.elastic_state(micro, budget)
+        times = []
+        torch.cuda.reset_peak_memory_stats()
+        for i in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            logits = net(x[:, :-1], elastic=state)
+            vocab_parallel_cross_entropy(logits, x[:, 1:]).mean().backward()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            net.zero_grad(set_to_none=True)
+        t = sorted(times[2:])[len(times[2:]) // 2]
+        rows.append({"budget": budget, "tokens_per_s": micro * seq / t, "step_ms": t * 1e3,
+                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--train", action="store_true", help="only the training forward+backward per budget")
     args = ap.parse_args()
     elastic = ["model.elastic.enabled=true", "model.seq_len=2048"]
     cfg = load_config("launch/configs/llama-1.3b.yaml", elastic)
+    if args.train:
+        from parallel.distributed import init_distributed
+
+        init_distributed(1)
+        rows = bench_train(cfg, micro=4, seq=2048)
+        json.dump({"train": rows}, open(args.out, "w"), indent=1)
+        for r in rows:
+            print(f"| {r['budget']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x | "
+                  f"{r['step_ms']:.1f} | {r['peak_gib']:.1f} |")
+        return
     rows = []
     for batch in args.batch:
         table = profile(cfg.model, batch=batch, context=args.prompt + args.new // 2)
