@@ -52,7 +52,7 @@ class ElasticTraining:
             loss = loss + self.t.budget_loss_weight * net.router.budget_loss
             self._note("budget_loss", net.router.budget_loss)
             self._note(f"cost_ratio_{budget:g}", net.router.cost_ratio)
-        self._note("full_fraction", torch.tensor(float(budget >= 1.0)))
+        self._note("full_fraction", torch.tensor(float(budget >= 1.0), device=ce.device))
         return loss
 
     def _note(self, key: str, value: torch.Tensor) -> None:

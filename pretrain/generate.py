@@ -171,7 +171,8 @@ class Generator:
         if m.linear != "dense":
             raise ConfigError("GRIFFIN selects neurons of dense GLUs; ternary (model.linear: ternary) GLUs "
                               "are not supported yet")
-        return [Experts(batch, m.ffn_hidden // self.layout.tp_size, ff, layer=i, device=self.layout.device)
+        # a Flextron sub-network's blocks have their own widths: GRIFFIN selects inside each
+        return [Experts(batch, m.block_ffn(i) // self.layout.tp_size, ff, layer=i, device=self.layout.device)
                 for i in range(len(self.model.blocks()))]
 
     @torch.no_grad()

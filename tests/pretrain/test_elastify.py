@@ -1,6 +1,7 @@
 """Flextron's importance permutation (pretrain/elastify.py): the permuted full model is the same function,
 its units come out sorted by importance, the scores follow the formula, and `python -m pretrain elastify`
-writes a loadable elastic model (and refuses bad input without touching anything)."""
+writes a loadable elastic model (and refuses bad input without touching anything). End to end: elastic
+continued training from it at TP=2, then a budget's sub-network exported == served from the run."""
 from __future__ import annotations
 
 import json
@@ -99,12 +100,13 @@ def test_importance_follows_the_formula():
         torch.testing.assert_close(scores[i]["mlp"], neurons, rtol=1e-5, atol=1e-6)
 
 
-def test_cli_elastify_end_to_end(tiny_data, tmp_path, capsys):
+def test_cli_flextron_end_to_end(tiny_data, tmp_path, capsys):
     from pretrain.__main__ import main
     from pretrain.generate import Generator
 
     run = tmp_path / "run"
-    over = tiny_overrides(tiny_data, run, **{"training.steps": 4, "checkpoint.every": 4, "training.eval_every": 0})
+    over = tiny_overrides(tiny_data, run, **{"training.steps": 4, "checkpoint.every": 4, "training.eval_every": 0,
+                                             "model.n_kv_heads": 4})
     res = cli("train", "--config", TINY_CONFIG, *over, "tracking.enabled=false")
     assert res.returncode == 0, res.stdout[-3000:]
     out = tmp_path / "elastic"
@@ -137,3 +139,26 @@ def test_cli_elastify_end_to_end(tiny_data, tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err and not (tmp_path / "o2").exists()
     assert main(["elastify", "--checkpoint", str(run), "--out", str(tmp_path / "o3"), *args[:-4]]) == 2
     assert "repeated widths" in capsys.readouterr().err and not (tmp_path / "o3").exists()
+
+    # elastic continued training from it at TP=2 (distilled from the elastified model), then the budget's
+    # sub-network: exported in one process from the TP=2 checkpoint == served by generate --budget
+    el, sub = tmp_path / "el", tmp_path / "sub"
+    elastic = ["model.elastic.enabled=true", "model.elastic.neuron_granularity=16", "model.elastic.budgets=[0.5]",
+               "model.elastic.ffn_fractions=[1.0,0.5]", "model.elastic.head_fractions=[1.0,0.5]"]
+    res = cli("train", "--config", TINY_CONFIG, *tiny_overrides(tiny_data, el, **{
+        "training.steps": 3, "checkpoint.every": 3, "training.eval_every": 3, "model.n_kv_heads": 4,
+        "parallel.tensor": 2}), *elastic, "training.elastic.enabled=true", f"checkpoint.init_from={out}",
+        "tracking.enabled=false", nproc=2)
+    assert res.returncode == 0, res.stdout[-3000:]
+    rows = [json.loads(line) for line in (el / "metrics.jsonl").read_text().splitlines()]
+    assert "val_loss_budget_0.5" in rows[-1] and any("elastic/kl" in r for r in rows)
+    res = cli("export", "--checkpoint", str(el), "--budget", "0.5", "--out", str(sub))
+    assert res.returncode == 0 and "MLP widths [32, 32]" in res.stdout, res.stdout[-3000:]
+    x = calib[0][:2]
+    served, exported = Generator(el, budget=0.5, dtype=torch.float32), Generator(sub, dtype=torch.float32)
+    torch.testing.assert_close(served.logits(x), exported.logits(x), rtol=1e-5, atol=1e-5)
+    assert exported.cfg.model.ffn_hidden_layers == [32, 32] and exported.cfg.model.kv_heads_layers == [2, 2]
+    assert main(["export", "--checkpoint", str(el), "--budget", "0.3", "--out", str(tmp_path / "s2")]) == 2
+    assert "not one the router was trained for" in capsys.readouterr().err and not (tmp_path / "s2").exists()
+    assert main(["generate", "--checkpoint", str(el), "--prompt", "def", "--budget", "auto"]) == 2
+    assert "adaptive router" in capsys.readouterr().err

@@ -123,3 +123,28 @@ def test_vocab_parallel_kl_is_the_kl():
         expect = F.kl_div(F.log_softmax(s / temp, -1), F.log_softmax(t / temp, -1), log_target=True,
                           reduction="none").sum(-1)
         torch.testing.assert_close(vocab_parallel_kl(s, t, temp), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_latency_table_drives_the_cost_model(tmp_path):
+    """elastic-profile's table (measured here on the CPU) becomes the router's cost; a table for
+    other widths is refused by name."""
+    import json
+
+    from pretrain.elastic_profile import profile, write
+    from pretrain.errors import ConfigError
+    from pretrain.models.router import CostModel
+
+    cfg = elastic_cfg()
+    table = profile(cfg, batch=2, context=8, repeats=2)
+    assert table["mlp_widths"] == [96, 72, 48, 24] and table["head_groups"] == [4, 2]
+    assert len(table["mlp_ms"]) == 3 and all(t > 0 for t in table["mlp_ms"][0] + table["attn_ms"][0])
+    path = write(table, tmp_path / "lat.json")
+    lat = elastic_cfg(elastic=dict(cost="latency", latency_table=str(path)))
+    cost = CostModel(lat)
+    assert cost.unit == "ms" and cost.full == pytest.approx(table["full_ms"])
+    assert cost.predict([1, 1, 1], [0, 0, 0]) == pytest.approx(table["fixed_ms"] + 3 * (table["mlp_ms"][0][1]
+                                                                                      + table["attn_ms"][0][0]))
+    table["mlp_widths"] = [96, 48]
+    path.write_text(json.dumps(table))
+    with pytest.raises(ConfigError, match="measured for widths"):
+        CostModel(lat)
