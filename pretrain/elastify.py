@@ -187,8 +187,6 @@ def calibration_batches(path: str | Path, model_cfg: ModelConfig, batches: int, 
 def source(checkpoint: str | Path) -> tuple[Path, RunConfig]:
     """The checkpoint folder `Generator` loads and its run config, read before any weight is."""
     path = ckpt.find(checkpoint)
-    if path is None:  # a `latest` pointer naming a folder that is gone
-        raise CheckpointError(f"{checkpoint}: its latest checkpoint is missing")
     return path, config_from_dict(ckpt.read_meta(path)["config"])
 
 
