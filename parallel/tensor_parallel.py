@@ -62,8 +62,11 @@ class VocabEmbedding(mtp.VocabParallelEmbedding):
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token loss from vocab-sharded logits, without gathering the full vocabulary."""
-    return mtp.vocab_parallel_cross_entropy(logits.float(), targets)
+    """Per-token loss from vocab-sharded logits, without gathering the full vocabulary. megatron-core's
+    function overwrites its input (max-subtracted, exponentiated) to save memory; fp32 logits are
+    therefore copied first, so the caller's tensor stays the logits (distillation reads them again)."""
+    x = logits.float()
+    return mtp.vocab_parallel_cross_entropy(x.clone() if x is logits else x, targets)
 
 
 def vocab_parallel_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -18,6 +18,10 @@ if [ "$phase" = family ]; then
     | tee "$OUT/base.log" | grep -v "^step" || true
   python3 -m pretrain elastify --checkpoint $R/base --calib-data $DATA --out $R/elastified --overwrite \
     --calib-batches 16 --batch-size 16 ${ELASTIFY:-} | tee "$OUT/elastify.log"
+  # the sorted model's sub-networks before any elastic training (one step at a zero learning rate)
+  python3 -m pretrain train --config launch/configs/flextron-elastic.yaml data.path=$DATA ${ELASTIC:-} \
+    dir=$R/sorted training.steps=1 training.eval_every=1 optimizer.lr=1e-30 optimizer.min_lr=0 \
+    schedule.warmup_steps=0 tracking.enabled=false | grep -v "^step" || true
   python3 -m pretrain train --config launch/configs/flextron-elastic.yaml data.path=$DATA ${ELASTIC:-} \
     | tee "$OUT/elastic.log" | grep -v "^step" || true
   for b in 0.25 0.5 0.75; do
@@ -51,13 +55,14 @@ base, base_steps = last("base", "val_loss")
 full, el_steps = last("elastic", "val_loss")
 print(f"base: {base_steps} steps; elastic continued training: {el_steps} steps "
       f"({el_steps / base_steps:.1%} of the base tokens); scratch: {base_steps + el_steps} steps\n")
-print("| budget | MLP widths / heads (per block) | params (non-emb.) | family val loss | scratch val loss | gap |")
-print("|---|---|---|---|---|---|")
-print(f"| 1.0 (full) | base model | - | {full:.3f} (base before: {base:.3f}) | - | - |")
+print("| budget | MLP widths / heads (per block) | params (non-emb.) | sorted only | family val loss | scratch val loss | gap |")
+print("|---|---|---|---|---|---|---|")
+print(f"| 1.0 (full) | base model | 1.00 x | {base:.3f} | {full:.3f} | - | - |")
 for b in ("0.75", "0.5", "0.25"):
     ex = json.load(open(f"runs/flextron/export-{b}/frugal.json"))["flextron"]
+    sorted_only, _ = last("sorted", f"val_loss_budget_{float(b):g}")
     fam, _ = last("elastic", f"val_loss_budget_{float(b):g}")
     scr, _ = last(f"scratch-{b}", "val_loss")
     shape = f"{sorted(set(ex['mlp_widths']))} / {sorted(set(ex['query_groups']))}"
-    print(f"| {b} | {shape} | {ex['predicted_cost']:.2f} x | {fam:.3f} | {scr:.3f} | {fam - scr:+.3f} |")
+    print(f"| {b} | {shape} | {ex['predicted_cost']:.2f} x | {sorted_only:.3f} | {fam:.3f} | {scr:.3f} | {fam - scr:+.3f} |")
 PY
