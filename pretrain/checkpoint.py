@@ -62,29 +62,25 @@ def resolve_resume(setting: str, run_ckpt_dir: Path) -> Path | None:
         return None
     if setting == "auto":
         return read_latest(run_ckpt_dir)
-    path = Path(setting)
-    if (path / META).is_file():
-        if read_meta(path).get("format") == WEIGHTS:
-            raise CheckpointError(f"checkpoint.resume={setting} is a weights-only folder (no optimizer state): "
-                                  "start from it with checkpoint.init_from instead")
-        return path
-    if path.is_dir() and (found := read_latest(path)) is not None:
-        return found
-    raise CheckpointError(f"checkpoint.resume={setting}: no complete checkpoint there "
-                          f"(expected a folder holding {META} or a `{LATEST}` file)")
+    path = find(setting, key="checkpoint.resume")
+    if read_meta(path).get("format") == WEIGHTS:
+        raise CheckpointError(f"checkpoint.resume={setting} is a weights-only folder (no optimizer state): "
+                              "start from it with checkpoint.init_from instead")
+    return path
 
 
-def find(setting: str | Path) -> Path:
+def find(setting: str | Path, key: str | None = None) -> Path:
     """A checkpoint folder (a step_* or weights-only folder), a run's checkpoints folder or a run dir
-    (its latest complete checkpoint) -> the checkpoint folder: what init_from, generate, export take."""
+    (its latest complete checkpoint) -> the checkpoint folder: what resume, init_from, generate, export
+    take. `key`: the config key that named it, for the error."""
     path = Path(setting)
     for candidate in (path, path / "checkpoints"):
         if (candidate / META).is_file():
             return candidate
         if (candidate / LATEST).is_file():
             return read_latest(candidate)
-    raise CheckpointError(f"{setting}: no checkpoint there (expected a folder holding {META}, a run's "
-                          "checkpoints folder or a run dir)")
+    raise CheckpointError(f"{f'{key}=' if key else ''}{setting}: no checkpoint there (expected a folder "
+                          f"holding {META}, a run's checkpoints folder or a run dir)")
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -200,21 +196,22 @@ def save_weights(out: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]
     torch.save({"module": tensors}, tmp / model_file(0))  # (megatron's None _extra_state entries dropped)
     for f in files:
         shutil.copy2(f, tmp / Path(f).name)
-    config = meta["config"]
-    config["parallel"]["tensor"] = 1  # the logical layout, whatever TP the weights were produced at
-    _write_atomic(tmp / META, json.dumps({"step": 0, **meta, "format": WEIGHTS, "dp_size": 1}, indent=1, default=str))
+    # the logical layout, whatever TP the weights were produced at
+    config = {**meta["config"], "parallel": {**meta["config"]["parallel"], "tensor": 1}}
+    meta = {"step": 0, **meta, "config": config, "format": WEIGHTS, "dp_size": 1}
+    _write_atomic(tmp / META, json.dumps(meta, indent=1, default=str))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return out
 
 
-def load_weights(path: Path, model, *, logical: bool = False) -> dict[str, Any]:
+def load_weights(path: Path, model) -> dict[str, Any]:
     """Load the module weights of a checkpoint folder (a training step_* folder or a `save_weights`
     folder) into `model` at this process's tensor-parallel layout, whatever TP size they were written
     at: every saved rank's file is read, joined into the logical model (parallel/elastic_layout.py)
-    and split again for this rank. Returns the checkpoint's metadata, or with `logical` the logical
-    state dict (what a Flextron sub-network is cut from).
+    and split again for this rank. Returns that logical state dict (what a Flextron sub-network is
+    cut from).
 
     An elastic model loading weights that have no router (elastify's output of a plain model) keeps
     its freshly initialised router."""
@@ -233,7 +230,10 @@ def load_weights(path: Path, model, *, logical: bool = False) -> dict[str, Any]:
 
         shards = [get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)]
     else:
-        shards = [_read_module(path / model_file(r), saved_tp) for r in range(saved_tp)]
+        # a weights-only folder holds plain tensors: read it without unpickling code; DeepSpeed's
+        # per-rank files hold more than tensors and need the full unpickler
+        shards = [_read_module(path / model_file(r), saved_tp, weights_only=meta.get("format") == WEIGHTS)
+                  for r in range(saved_tp)]
     # an elastic model's shards hold its units round-robin, any other model's megatron's contiguous split
     saved_elastic = config["model"].get("elastic", {}).get("enabled", False)
     try:
@@ -247,15 +247,15 @@ def load_weights(path: Path, model, *, logical: bool = False) -> dict[str, Any]:
     if missing or unexpected:
         raise CheckpointError(f"{path}: the weights do not fit this model: {len(missing)} missing "
                               f"{missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}")
-    return full if logical else meta
+    return full
 
 
-def _read_module(file: Path, saved_tp: int) -> dict[str, Any]:
+def _read_module(file: Path, saved_tp: int, *, weights_only: bool) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"missing {file} (the checkpoint was written at parallel.tensor={saved_tp}, "
                               "one module file per tensor-parallel rank)")
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)["module"]
+        return torch.load(file, map_location="cpu", weights_only=weights_only)["module"]
     except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"cannot read the module weights in {file}: {e!r}") from None
 

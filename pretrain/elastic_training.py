@@ -69,12 +69,12 @@ class ElasticTraining:
 
     @staticmethod
     def choices(model) -> dict[str, dict]:
-        """What the router picks for every budget (a static router; an adaptive one: with no input signal)."""
+        """The widths a static router picks for every budget (nothing for an adaptive one)."""
         router = model.router
         out = {}
+        if router.adapt is not None:  # an adaptive router names no single sub-network
+            return out
         for b in router.budgets:
-            if router.adapt is not None:
-                break
             mi, hi = router.static_choice(b)
             out[f"{b:g}"] = {"mlp_widths": [router.cost.widths[i] for i in mi],
                              "query_groups": [router.cost.groups[i] for i in hi],

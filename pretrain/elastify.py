@@ -27,6 +27,7 @@ import torch
 from pretrain import checkpoint as ckpt
 from pretrain.config import ModelConfig, RunConfig, config_from_dict
 from pretrain.errors import CheckpointError, ConfigError, DataError
+from pretrain.models.elastic import block_prefixes, unit_weights
 
 RTOL = 1e-4  # verification: max |logit diff| allowed, relative to the largest |logit| (fp32 rounding only)
 
@@ -48,15 +49,6 @@ def parse_overrides(items: list[str] | None) -> dict:
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
     return out
-
-
-def block_prefixes(model_cfg: ModelConfig) -> dict[int, str]:
-    """layer id -> state-dict prefix of that block. The network is one flat list (embedding, blocks and
-    SUBLLM's Subsample/Upsample in structure order, norm, head), so a block's key is its list index."""
-    from pretrain.models.structure import parse_structure
-
-    return {item.index: f"layers.{pos + 1}." for pos, item in enumerate(parse_structure(model_cfg.structure))
-            if item.kind == "block"}
 
 
 @torch.no_grad()
@@ -122,16 +114,11 @@ def permute_state(state: dict[str, torch.Tensor], model_cfg: ModelConfig,
     "heads": [G]} index tensors, unit j of the result = unit order[j] of the input); other tensors are
     shared, not copied. The full model computes the same function before and after."""
     out = dict(state)
-    hd, per_group = model_cfg.head_dim, model_cfg.n_heads // model_cfg.kv_heads
     for layer, prefix in block_prefixes(model_cfg).items():
         if layer not in order:
             continue
-        neurons, groups = order[layer]["mlp"], order[layer]["heads"]
-        for name, size, dim, perm in (("mlp.gate.weight", 1, 0, neurons), ("mlp.up.weight", 1, 0, neurons),
-                                      ("mlp.down.weight", 1, 1, neurons),
-                                      ("attn.k.weight", hd, 0, groups), ("attn.v.weight", hd, 0, groups),
-                                      ("attn.q.weight", hd * per_group, 0, groups),
-                                      ("attn.o.weight", hd * per_group, 1, groups)):
+        for name, kind, dim, size in unit_weights(model_cfg):
+            perm = order[layer][kind]
             key = prefix + name
             if key not in state:
                 raise CheckpointError(f"permute_state: no {key} in the state dict (not a TP=1 LLaMA/SUBLLM state?)")

@@ -59,6 +59,7 @@ class Generator:
         from parallel.bitlinear import pack_bitlinears
         from parallel.distributed import init_distributed, world_size_from_env
         from pretrain import export, subnetwork
+        from pretrain.config import check_widths
         from pretrain.data import load_tokenizer
         from pretrain.models import build_network
 
@@ -73,9 +74,7 @@ class Generator:
         if budget is not None:
             subnetwork.check_elastic(self.cfg, path, budget)
         tp = self.cfg.parallel.tensor if exported else world_size_from_env()
-        from pretrain.config import check_widths
-
-        check_widths(self.cfg.model, tp)
+        check_widths(self.cfg.model, tp)  # before any process group: a width that does not split is a config error
         layout = init_distributed(tp)
         torch.manual_seed(0)
         model = build_network(self.cfg.model)
@@ -90,7 +89,7 @@ class Generator:
         elif budget is None:
             ckpt.load_weights(path, model)
         else:  # Flextron: cut sub-networks out of the logical weights
-            logical = ckpt.load_weights(path, model, logical=True)
+            logical = ckpt.load_weights(path, model)
             if budget == "auto":  # per prompt: keep the elastic model to route with (generate_ids)
                 self.elastic, self._logical = model, logical
                 self.budget_target = budget_target or model.router.budgets[len(model.router.budgets) // 2]

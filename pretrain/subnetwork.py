@@ -39,13 +39,11 @@ def build(model, logical: dict[str, torch.Tensor], mlp_widths: list[int], kv_gro
     model's logical state)."""
     from parallel.elastic_layout import local_state_dict
     from parallel.tensor_parallel import tp_rank, tp_size
-    from pretrain.config import check_widths
     from pretrain.models import build_network
     from pretrain.models.elastic import subnetwork
 
-    cfg, state = subnetwork(model, mlp_widths, kv_groups, logical)
-    check_widths(cfg, tp_size())
-    net = build_network(cfg)
+    cfg, state = subnetwork(model.cfg, mlp_widths, kv_groups, logical)
+    net = build_network(cfg)  # checks that every width splits over the TP ranks
     net.load_state_dict(local_state_dict(state, net, tp_rank(), tp_size()), strict=True)
     return net
 
@@ -75,7 +73,7 @@ def export_subnetwork(checkpoint: str | Path, budget: float, out: str | Path, *,
     check_elastic(cfg, path, budget)
     init_distributed(1)
     model = build_network(cfg.model)
-    logical = ckpt.load_weights(path, model, logical=True)
+    logical = ckpt.load_weights(path, model)
     mi, hi = model.router.static_choice(float(budget))
     mlp_widths, kv_groups = widths(model, mi, hi)
     net = build(model, logical, mlp_widths, kv_groups)

@@ -99,7 +99,7 @@ class Trainer:
                                   self.resume_from)
         self.init_from = None  # weights to start from (elastic continued training starts from elastify's output)
         if cfg.checkpoint.init_from:
-            self.init_from = ckpt.find(cfg.checkpoint.init_from)
+            self.init_from = ckpt.find(cfg.checkpoint.init_from, key="checkpoint.init_from")
             # the router's settings (model.elastic) may differ: its weights are new when the source has none
             ckpt.check_model(ckpt.read_meta(self.init_from), cfg.model.model_dump(mode="json"), self.init_from,
                              ignore=("elastic",))
@@ -130,9 +130,9 @@ class Trainer:
             from pretrain.elastic_training import ElasticTraining
 
             teacher = None
-            if cfg.training.elastic.distill_weight > 0:  # the frozen starting model, full width
-                teacher = build_network(cfg.model)
-                ckpt.load_weights(self.init_from, teacher)
+            if cfg.training.elastic.distill_weight > 0:  # the frozen starting model, full width: the
+                teacher = build_network(cfg.model)     # init_from weights `model` holds until a resume loads
+                teacher.load_state_dict(model.state_dict())
                 teacher = teacher.to(self.device, torch.bfloat16 if self.bf16 else torch.float32)
             self.elastic = ElasticTraining(cfg, model, dp_rank=self.layout.dp_rank, teacher=teacher)
         optimizer = build_optimizer(model, cfg.optimizer, fused=self.device.type == "cuda")

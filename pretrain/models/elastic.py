@@ -22,7 +22,7 @@ import torch
 
 class ElasticState(NamedTuple):
     budget: torch.Tensor  # [b] fraction of the full model's cost each row targets (1.0 = the full model)
-    noise: torch.Tensor | None = None  # [b, L, 2, C] Gumbel noise for the router's sampling; None = argmax
+    noise: torch.Tensor | None = None  # [b, L, Cm + Ch] Gumbel noise for the router's sampling; None = argmax
     mlp: torch.Tensor | None = None  # [b, L] host long: chosen index into the MLP widths (0 = full)
     heads: torch.Tensor | None = None  # [b, L] host long: chosen index into the query-group counts
     mlp_gate: torch.Tensor | None = None  # [b, L] straight-through gates (value 1)
@@ -60,27 +60,38 @@ def slice_choice(state: ElasticState | None, layer: int):
     return state.mlp[:, layer], state.mlp_gate[:, layer], state.heads[:, layer], state.heads_gate[:, layer]
 
 
-def subnetwork(model, mlp_widths: list[int], kv_groups: list[int], state: dict[str, torch.Tensor] | None = None):
-    """(plain ModelConfig, logical state) of the sub-network with these per-block widths, cut from the
-    elastic network's LOGICAL state (importance order: the first units): `state`, or the model's own
-    weights when it runs at TP=1. The router's parameters are dropped; the rest is copied as is."""
-    model_cfg = model.cfg
+def block_prefixes(model_cfg) -> dict[int, str]:
+    """block id -> its state-dict prefix. The network is one flat list (embedding, blocks and SUBLLM's
+    brackets in structure order, norm, head; the router lives outside it), so a block's key is its index."""
+    from pretrain.models.structure import parse_structure
+
+    return {item.index: f"layers.{pos + 1}." for pos, item in enumerate(parse_structure(model_cfg.structure))
+            if item.kind == "block"}
+
+
+def unit_weights(model_cfg) -> list[tuple[str, str, int, int]]:
+    """(weight name within a block, unit kind, dim the units lie along, rows/columns per unit) of every
+    weight a Flextron unit spans: a neuron is a gate/up row and a down column; a query group is its
+    K/V heads' rows and its query heads' Q rows and O columns (the same layout the model marks with
+    `elastic_unit` for the TP dealing)."""
+    hd = model_cfg.head_dim
+    group = hd * (model_cfg.n_heads // model_cfg.kv_heads)
+    return [("mlp.gate.weight", "mlp", 0, 1), ("mlp.up.weight", "mlp", 0, 1), ("mlp.down.weight", "mlp", 1, 1),
+            ("attn.q.weight", "heads", 0, group), ("attn.k.weight", "heads", 0, hd),
+            ("attn.v.weight", "heads", 0, hd), ("attn.o.weight", "heads", 1, group)]
+
+
+def subnetwork(model_cfg, mlp_widths: list[int], kv_groups: list[int], state: dict[str, torch.Tensor]):
+    """(plain ModelConfig, logical state) of the sub-network with these per-block widths, cut from an
+    elastic model's LOGICAL state (importance order: the first units). The router's parameters are
+    dropped; the rest is shared as is."""
     cfg = model_cfg.model_copy(update={"elastic": model_cfg.elastic.model_copy(update={"enabled": False}),
                                        "ffn_hidden_layers": list(mlp_widths), "kv_heads_layers": list(kv_groups)})
     cfg = type(model_cfg).model_validate(cfg.model_dump())  # re-validated as a plain model
-    per_group_rows = model_cfg.head_dim * (model_cfg.n_heads // model_cfg.kv_heads)
-    block_of = {name: m.layer_id for name, m in model.named_modules() if getattr(m, "layer_id", None) is not None}
-    out = {}
-    for name, t in (model.state_dict() if state is None else state).items():
-        prefix, _, rest = name.rpartition(".")[0].rpartition(".")[0].rpartition(".")
-        block = block_of.get(prefix)
-        if "router" in name.split("."):
-            continue
-        if block is not None and name.endswith(".weight") and rest in ("mlp", "attn"):
-            f, g = mlp_widths[block], kv_groups[block]
-            which = name.rsplit(".", 2)[1]
-            t = {"gate": lambda: t[:f], "up": lambda: t[:f], "down": lambda: t[:, :f],
-                 "q": lambda: t[:g * per_group_rows], "k": lambda: t[:g * model_cfg.head_dim],
-                 "v": lambda: t[:g * model_cfg.head_dim], "o": lambda: t[:, :g * per_group_rows]}[which]()
-        out[name] = t.clone() if isinstance(t, torch.Tensor) else t  # megatron's _extra_state: None
+    out = {k: v for k, v in state.items() if not k.startswith("router.")}
+    widths = {"mlp": mlp_widths, "heads": kv_groups}
+    for layer, prefix in block_prefixes(model_cfg).items():
+        for name, kind, dim, size in unit_weights(model_cfg):
+            # a copy: a saved view would carry the full tensor's storage along
+            out[prefix + name] = state[prefix + name].narrow(dim, 0, widths[kind][layer] * size).clone()
     return cfg, out

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from pretrain.models.elastic import ElasticState
 from pretrain.models.layers import RMSNorm, Rotary
-from pretrain.models.router import Router
+from pretrain.models.router import Router, gumbel_noise
 from pretrain.models.spec import layer_spec
 from pretrain.models.structure import BLOCKS, parse_structure
 from pretrain.models.subsample import Subsample, Upsample
@@ -176,8 +176,6 @@ class Network(nn.Module):
     def elastic_state(self, batch: int, budget: float, generator: torch.Generator | None = None) -> ElasticState:
         """Every row of a micro-batch at `budget` (1.0 = the full model). With a generator (training)
         the router samples its choice with Gumbel noise drawn from it: seed it without the TP rank."""
-        from pretrain.models.router import gumbel_noise
-
         noise = gumbel_noise(batch, self.cfg, generator) if generator is not None and budget < 1.0 else None
         return ElasticState(budget=torch.full((batch,), float(budget)), noise=noise)
 

@@ -132,19 +132,17 @@ class Router(nn.Module):
         (mi, m_st, m_gate), (hi, h_st, h_gate) = (
             _choose(lm, None if noise is None else noise[..., :self.cm], self.tau, full_dev),
             _choose(lh, None if noise is None else noise[..., self.cm:], self.tau, full_dev))
-        cost = self.cost.of(m_st, h_st)
-        ratio = cost / (st.budget.to(cost) * self.cost.full)
-        sub = ~full_dev
-        self.cost_ratio = ratio[sub].mean().detach()
-        self.budget_loss = F.relu((ratio[sub] - 1).abs() - self.tolerance).mean()
+        ratio = self.cost.of(m_st, h_st) / (st.budget.to(lm.device) * self.cost.full)
+        sub = (~full_dev).float()  # means over the sub-network rows, without a data-dependent shape (no sync)
+        self.cost_ratio = ((ratio * sub).sum() / sub.sum()).detach()
+        self.budget_loss = (F.relu((ratio - 1).abs() - self.tolerance) * sub).sum() / sub.sum()
         return p._replace(elastic=st._replace(mlp=mi.cpu(), heads=hi.cpu(), mlp_gate=m_gate, heads_gate=h_gate))
 
     @torch.no_grad()
     def static_choice(self, budget: float) -> tuple[list[int], list[int]]:
         """Per-block (MLP width index, query-group index) the static router picks for a budget."""
         if self.adapt is not None:
-            raise ConfigError("this model's router is adaptive: its widths depend on the input (use --budget auto "
-                              "with a budget list, or a static-router model)")
+            raise ConfigError("this model's router is adaptive: its widths depend on the input (use --budget auto)")
         lm, lh = self.logits(torch.tensor([budget]), None)
         return lm[0].argmax(-1).tolist(), lh[0].argmax(-1).tolist()
 

@@ -43,7 +43,8 @@ def test_budget_inside_elastic_model_equals_export(kw):
             inside = net(x, elastic=net.elastic_state(3, budget))
             mi, hi = net.router.static_choice(budget)
             e = net.cfg.elastic
-            cfg, state = subnetwork(net, [e.ffn_widths(96)[i] for i in mi], [e.head_groups(4)[i] for i in hi])
+            cfg, state = subnetwork(net.cfg, [e.ffn_widths(96)[i] for i in mi], [e.head_groups(4)[i] for i in hi],
+                                    net.state_dict())
             sub = build_network(cfg)
             sub.load_state_dict(state)
             torch.testing.assert_close(sub(x), inside, rtol=1e-5, atol=1e-5)
