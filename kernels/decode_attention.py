@@ -92,8 +92,11 @@ def _decode_attention_triton(q, k, v, lengths, num_splits=None):
     _split_kernel[(b * kvh, num_splits)](
         q, k, v, lengths, part_m, part_l, part_acc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), cap, chunk, qk_scale,
-        KVH=kvh, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK_N=BLOCK_N,
+        v.stride(0), v.stride(1), v.stride(2), cap, chunk,
+        # a constexpr (one value per head dim, like HD): as a runtime float, torch.compile passes it as
+        # fp64, which would promote the scores and break the fp32 loop-carried softmax state
+        QK_SCALE=qk_scale, KVH=kvh, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HD=hd,
+        BLOCK_N=BLOCK_N,
         # fp32 inputs: tl.dot would otherwise round through tf32 (~1e-3 error) on the GPU
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
@@ -108,7 +111,7 @@ if triton is not None:
     @triton.jit
     def _split_kernel(Q, K, V, Lengths, PartM, PartL, PartAcc,
                       stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                      cap, chunk, qk_scale,
+                      cap, chunk, QK_SCALE: tl.constexpr,
                       KVH: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, HD: tl.constexpr,
                       BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """One (row, kv head, split): all G query heads of the group against keys [start, end)."""
@@ -138,7 +141,7 @@ if triton is not None:
             n = n0 + offs_n
             valid = n < end  # never load past the row's length: that memory may hold anything
             k = tl.load(k_base + n[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE
             s = tl.where(valid[None, :], s, float("-inf"))
             # online softmax; each block holds >= 1 valid key, so m_new is finite
             m_new = tl.maximum(m_i, tl.max(s, 1))

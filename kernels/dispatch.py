@@ -8,8 +8,6 @@ TRITON_INTERPRET=1 before triton is imported, see tests/conftest.py).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 try:  # CPU production installs have no triton: everything falls back to the reference
@@ -27,8 +25,13 @@ def use_triton(flag: bool | None, t: torch.Tensor, name: str) -> bool:
     return flag
 
 
-@functools.lru_cache(maxsize=None)
+_NUM_SMS: dict[torch.device, int] = {}
+
+
+@torch.compiler.assume_constant_result  # torch.compile (a compiled decode step) bakes it in: no graph break
 def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # interpreter: pretend to be an H100/H200 so launch shapes match the GPU's
+    if device not in _NUM_SMS:
+        # interpreter: pretend to be an H100/H200 so launch shapes match the GPU's
+        cuda = device.type == "cuda"
+        _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 132
+    return _NUM_SMS[device]

@@ -35,7 +35,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 
 from kernels import bitlinear as kb
 from kernels.ternary_matmul import pack_ternary, ternary_matmul
-from parallel.tensor_parallel import ColumnLinear, RowLinear
+from parallel.tensor_parallel import ColumnLinear, RowLinear, all_reduce_tp
 
 
 class Reductions:
@@ -176,6 +176,8 @@ class BitRowLinear(_BitMixin, RowLinear):
         self._init_bit(in_features, self.input_size_per_partition, eps=eps, fused=fused, sharded_input=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: the partial sums' all-reduce, nothing for autograd
+            return all_reduce_tp(self._bit(x, self.weight))
         return reduce_from_tensor_model_parallel_region(self._bit(x, self.weight))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel as mtp
 from megatron.core.model_parallel_config import ModelParallelConfig
@@ -40,6 +41,8 @@ class ColumnLinear(mtp.ColumnParallelLinear):
                          skip_weight_param_allocation=skip_weight, tp_group=ps.get_tensor_model_parallel_group())
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: megatron's forward is this matmul (see module docstring)
+            return F.linear(x, self.weight if weight is None else weight)
         return super().forward(x, weight=weight)[0]
 
 
@@ -52,6 +55,8 @@ class RowLinear(mtp.RowParallelLinear):
                          tp_group=ps.get_tensor_model_parallel_group())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: the local matmul, partial sums all-reduced
+            return all_reduce_tp(F.linear(x, self.weight))
         return super().forward(x)[0]
 
 

@@ -81,6 +81,7 @@ def cmd_generate(args) -> int:
         except ValueError:
             raise ConfigError(f"--budget {budget!r}: give a fraction such as 0.5, or auto") from None
     gen = Generator(args.checkpoint, packed=args.packed, budget=budget, budget_target=args.budget_target)
+    gen.compile = args.compile
     s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        seed=args.seed)
     texts = gen.generate(args.prompt, s, num_samples=args.num_samples, ff=ff)
@@ -232,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--budget auto: the budget the adaptive router routes for (default: its middle budget)")
     g.add_argument("--packed", action="store_true",
                    help="ternary models: decode with 2-bit packed weights and int8 kernels (exports always do)")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile (fewer, fused kernels; pays compile time once)")
     g.set_defaults(fn=cmd_generate)
 
     e = sub.add_parser("eval-griffin", help="continuation perplexity and greedy agreement of GRIFFIN vs baselines")

@@ -101,13 +101,18 @@ class Generator:
         self._setup(model, layout, load_tokenizer(path / "tokenizer.json"), dtype)
 
     @classmethod
-    def from_model(cls, model, *, tokenizer=None, dtype: torch.dtype | None = None) -> "Generator":
-        """Wrap a network built in this process (no checkpoint, no run config): tests, notebooks."""
+    def from_model(cls, model, *, tokenizer=None, dtype: torch.dtype | None = None,
+                   packed: bool = False) -> "Generator":
+        """Wrap a network built in this process (no checkpoint, no run config): tests, notebooks.
+        packed: replace the model's BitLinears by their packed inference form, in place (as `packed=True`)."""
+        from parallel.bitlinear import pack_bitlinears
         from parallel.distributed import init_distributed
         from parallel.tensor_parallel import tp_size
 
         self = cls.__new__(cls)
-        self.cfg, self.path, self.packed, self.elastic = None, None, False, None
+        self.cfg, self.path, self.packed, self.elastic = None, None, packed, None
+        if packed and not pack_bitlinears(model):
+            raise ConfigError("packed weights need a ternary model (it has no BitLinear layers)")
         self._setup(model, init_distributed(tp_size()), tokenizer, dtype)
         return self
 
@@ -119,6 +124,7 @@ class Generator:
         self.model = model.to(device=layout.device, dtype=self.dtype).eval()
         self.levels = [m for m in model.layers if isinstance(m, Subsample)]
         self.cuda_graphs = layout.device.type == "cuda"  # decode steps replayed as CUDA graphs
+        self.compile = False  # decode steps through torch.compile first (decode_step.py): set to True to use
 
     def new_caches(self, batch: int, max_len: int) -> list:
         """One generation cache per block: a KV cache (attention) or a recurrent state (HGRN-Bit)."""
@@ -163,13 +169,11 @@ class Generator:
                 e.select(block.mlp)
         # every row continues at its own position; CUDA graphs on a GPU (see decode_step.py)
         return logits, DecodeStep(self.model, caches, lengths, max_new, cuda_graphs=self.cuda_graphs,
-                                  experts=experts)
+                                  experts=experts, compile=self.compile)
 
     def new_experts(self, batch: int, ff: FFSelection) -> list:
+        """GRIFFIN's per-block selections; dense and ternary (latent or packed) GLUs alike (griffin.py)."""
         m = self.model.cfg
-        if m.linear != "dense":
-            raise ConfigError("GRIFFIN selects neurons of dense GLUs; ternary (model.linear: ternary) GLUs "
-                              "are not supported yet")
         # a Flextron sub-network's blocks have their own widths: GRIFFIN selects inside each
         return [Experts(batch, m.block_ffn(i) // self.layout.tp_size, ff, layer=i, device=self.layout.device)
                 for i in range(len(self.model.blocks()))]

@@ -16,6 +16,10 @@ Batch > 1: every sequence has its own neurons. After the prefill each sequence's
 gathered once into compact buffers [b, k/T, d] (b · density of the FF weights; the full weights are
 never copied) that every decode step multiplies with a batched GEMM: static tensors, so the CUDA-graph
 decode step replays them. Baselines: static weight magnitude ‖W_gate,i‖·‖W_up,i‖ and random.
+
+What "the selected weights" are depends on the GLU's linears: dense rows here (`DenseRows`), a ternary
+GLU's 2-bit packed codes with the whole layers' scales in griffin_ternary.py (`TernaryRows`). Each kind
+gathers them (`kind(mlp, index)`), ranks by magnitude (`kind.magnitude(mlp)`) and decodes on them.
 """
 from __future__ import annotations
 
@@ -54,6 +58,34 @@ def neuron_scores(z: torch.Tensor) -> torch.Tensor:
     return (z2 / token_sumsq.clamp_min(torch.finfo(torch.float32).tiny)).sum(dim=1)
 
 
+class DenseRows:
+    """Each row's selected neurons of a dense GLU: gate/up rows and down columns, compact [b, k, d] each."""
+
+    def __init__(self, mlp, index: torch.Tensor):
+        self.gate, self.up = mlp.gate.weight[index], mlp.up.weight[index]  # [f, d] -> [b, k, d]
+        self.down = mlp.down.weight.t()[index]  # [d, f] -> [b, k, d]: down's columns as rows
+
+    @staticmethod
+    def magnitude(mlp) -> torch.Tensor:
+        return mlp.gate.weight.float().norm(dim=1) * mlp.up.weight.float().norm(dim=1)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        from parallel.tensor_parallel import all_reduce_tp
+
+        h = F.silu(torch.bmm(x, self.gate.transpose(1, 2))) * torch.bmm(x, self.up.transpose(1, 2))
+        return all_reduce_tp(torch.bmm(h, self.down))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+
+
+def weights_kind(mlp):
+    """How a GLU's selected weights are held: by the kind of its linears."""
+    from pretrain.models.griffin_ternary import TernaryRows, is_ternary
+
+    return TernaryRows if is_ternary(mlp.gate) else DenseRows
+
+
 class Experts:
     """One GLU layer's selected neurons for a batch of sequences during generation.
 
@@ -65,7 +97,7 @@ class Experts:
         self.k = max(1, round(sel.density * ffn_local))  # per rank: balanced shards
         self.scores = torch.zeros(batch, ffn_local, dtype=torch.float32, device=device)
         self.index: torch.Tensor | None = None  # [b, k] selected local neurons, ascending
-        self.gate = self.up = self.down = None  # compact weights [b, k, d]
+        self.weights = None  # the selected weights (DenseRows or TernaryRows), after select
 
     @property
     def ready(self) -> bool:
@@ -83,25 +115,22 @@ class Experts:
     def select(self, mlp, index: torch.Tensor | None = None) -> None:
         """Choose each row's k neurons (or take `index` [b, k], local neuron ids) and gather their
         gate/up rows and down columns."""
-        w_gate, w_up, w_down = mlp.gate.weight, mlp.up.weight, mlp.down.weight  # [f, d], [f, d], [d, f]
         if index is None:
             index = self.ranking(mlp).topk(self.k, dim=1).indices
-        self.index = index.to(w_gate.device).sort(dim=1).values
-        self.gate, self.up = w_gate[self.index], w_up[self.index]  # [b, k, d]
-        self.down = w_down.t()[self.index]  # [b, k, d]: down's columns as rows
+        self.index = index.to(self.scores.device).sort(dim=1).values
+        self.weights = weights_kind(mlp)(mlp, self.index)
         self.scores = None  # prompt scores are not needed once the neurons are chosen
 
     @torch.no_grad()
     def ranking(self, mlp) -> torch.Tensor:
         """[b, d_ff/T]: what the method ranks this rank's neurons by, per row (before `select`)."""
-        w_gate, w_up = mlp.gate.weight, mlp.up.weight
         b, f = self.scores.shape
         if self.sel.method == "random":  # a fixed stream per (seed, layer, rank), a different draw per row
             from parallel.tensor_parallel import tp_rank
 
             gen = torch.Generator().manual_seed(self.sel.seed * 1_000_003 + self.layer * 101 + tp_rank())
             return torch.rand(b, f, generator=gen).to(self.scores.device)
-        magnitude = (w_gate.float().norm(dim=1) * w_up.float().norm(dim=1)).expand(b, f)
+        magnitude = weights_kind(mlp).magnitude(mlp).to(self.scores.device).expand(b, f)
         if self.sel.method == "magnitude":
             return magnitude
         # a SUBLLM level may keep none of a prompt's tokens: that row falls back to magnitude
@@ -109,10 +138,10 @@ class Experts:
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, s, d] -> the GLU output with each row's own neurons (all-reduced over TP)."""
-        from parallel.tensor_parallel import all_reduce_tp
-
-        h = F.silu(torch.bmm(x, self.gate.transpose(1, 2))) * torch.bmm(x, self.up.transpose(1, 2))
-        return all_reduce_tp(torch.bmm(h, self.down))
+        return self.weights.decode(x)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down, self.index) if t is not None)
+        """Bytes the selection holds: the selected weights and the indexes (0 before select)."""
+        if self.weights is None:
+            return 0
+        return self.weights.nbytes() + self.index.numel() * self.index.element_size()

@@ -2,7 +2,8 @@
 two nested levels, and ternary models (HGRN-Bit with fused and unfused BitLinear, a ternary LLaMA);
 replicated parameters (norms, scorer, bypass, column-parallel BitLinear norms) get identical gradients
 on every TP rank; cached decoding == full forward at both TP sizes (SUBLLM: under the inference
-rule; HGRN-Bit: recurrent state); packed 2-bit inference == fake quantization at both TP sizes."""
+rule; HGRN-Bit: recurrent state); packed 2-bit inference == fake quantization at both TP sizes;
+GRIFFIN's scores, per-shard selection and decode logits (LLaMA, SUBLLM, HGRN-Bit latent and packed)."""
 from pathlib import Path
 
 import torch
@@ -43,8 +44,10 @@ def test_tp2_matches_tp1(tmp_path):
 
     # GRIFFIN: per-token norms span the shards, so TP=2 scores every neuron as TP=1 does; each rank then
     # keeps its own top-(k/2), which is TP=1's choice under the same rule (top-k/2 of each contiguous half)
-    for key in ("tie=False", "subllm"):
-        g1, g2 = tp1[key]["griffin"], tp2[key]["griffin"]["plain"]
+    # (HGRN-Bit: the ternary GLU's compact path, latent and packed: the down's norm spans the shards)
+    for key, name in [("tie=False", "griffin"), ("subllm", "griffin"), ("hgrnbit", "griffin"),
+                      ("hgrnbit", "griffin-packed")]:
+        g1, g2 = tp1[key][name], tp2[key][name]["plain"]
         for s1, s2 in zip(g1["plain"]["scores"], g2["scores"]):
             torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-6)
         assert all(torch.equal(a, b) for a, b in zip(g1["halves"]["index"], g2["index"]))

@@ -1,6 +1,7 @@
 """torchrun worker: loss, logical (gathered) gradients and cached-decode logits of one model at a
 given TP size, for LLaMA, SUBLLM and ternary HGRN-Bit / LLaMA models (fused and unfused BitLinear,
-and the packed-weight inference form). Usage: tp_worker.py OUT.pt"""
+and the packed-weight inference form); GRIFFIN's scores, selection and decode logits for LLaMA,
+SUBLLM and HGRN-Bit (latent and packed). Usage: tp_worker.py OUT.pt"""
 import os
 import sys
 
@@ -71,8 +72,10 @@ def main(out: str) -> None:
             assert pack_bitlinears(packed) > 0
             with torch.no_grad():
                 results[key]["packed"] = gather_vocab(packed(tokens[:, :16]))
-        if key in ("tie=False", "subllm"):
+        if key in ("tie=False", "subllm", "hgrnbit"):
             results[key]["griffin"] = griffin(net, layout, group, tokens)
+        if key == "hgrnbit":  # GRIFFIN on the ternary GLU's packed codes too
+            results[key]["griffin-packed"] = griffin(packed, layout, group, tokens)
     if layout.rank == 0:
         torch.save(results, out)
 

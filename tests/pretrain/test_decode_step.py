@@ -3,6 +3,8 @@ the same step as CUDA graphs: launch/device/decode_graph_check.py); every check 
 full threshold forward, the definition of SUBLLM's inference."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -23,15 +25,16 @@ def test_segments_cut_at_brackets():
 
 
 @torch.no_grad()
-def decode(net, prompts: list[torch.Tensor], cont: torch.Tensor, cuda_graphs: bool = False
-           ) -> tuple[list[torch.Tensor], list]:
+def decode(net, prompts: list[torch.Tensor], cont: torch.Tensor, cuda_graphs: bool = False,
+           compile: bool = False) -> tuple[list[torch.Tensor], list]:
     """Prefill each prompt into its cache row, then DecodeStep through `cont` [b, m] (teacher forced)."""
     device = next(net.parameters()).device
     cache = [KVCache(len(prompts), c.k.shape[1], c.k.shape[2], c.k.shape[3], dtype=c.k.dtype, device=device)
              for c in caches(net, 1)]
     prompts, cont = [p.to(device) for p in prompts], cont.to(device)
     outs = [[net(p[None], caches=cache, rows=torch.tensor([i]), threshold=True)[0]] for i, p in enumerate(prompts)]
-    step = DecodeStep(net, cache, torch.tensor([len(p) for p in prompts]), cont.shape[1], cuda_graphs=cuda_graphs)
+    step = DecodeStep(net, cache, torch.tensor([len(p) for p in prompts]), cont.shape[1], cuda_graphs=cuda_graphs,
+                      compile=compile)
     for j in range(cont.shape[1]):
         logits = step(cont[:, j:j + 1])
         for i in range(len(prompts)):
@@ -55,6 +58,21 @@ def test_decode_step_matches_full_forward(structure):
         torch.testing.assert_close(alone[0], together[i], atol=ATOL, rtol=0)
     for m in levels(net):
         assert 0 < m.kept < m.seen
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile's CPU backend needs a C compiler")
+def test_compiled_step_matches_eager():
+    """torch.compile'd segments (Generator.compile) compute the eager step's logits, at batch 3 and at
+    batch 1 (where the host skips the levels a token left: compiled segments are chosen the same way)."""
+    net = build("TT(TT(T)T)T")
+    prompts = [tokens(n, seed=40 + n)[0] for n in (7, 3, 12)]
+    cont = tokens(5, seed=5, batch=3)
+    for rows in (prompts, prompts[2:]):
+        eager, _ = decode(net, rows, cont[:len(rows)])
+        compiled, _ = decode(net, rows, cont[:len(rows)], compile=True)
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
 
 
 def force_keep(sub, positions: torch.Tensor) -> None:
@@ -107,7 +125,9 @@ def test_cuda_graph_replay_matches_eager_and_full_forward(structure):
         cont = tokens(18, seed=9, batch=len(prompts))
         eager, _ = decode(net, prompts, cont)
         graphs, _ = decode(net, prompts, cont, cuda_graphs=True)
+        compiled, _ = decode(net, prompts, cont, cuda_graphs=True, compile=True)
         for i, p in enumerate(prompts):
             assert torch.equal(graphs[i], eager[i])  # a replay runs the very kernels of the eager step
             ref = full(net, torch.cat([p, cont[i]])[None].cuda())[0]
             torch.testing.assert_close(graphs[i], ref, atol=1e-4, rtol=0)
+            torch.testing.assert_close(compiled[i], ref, atol=1e-4, rtol=0)  # fused kernels: not bit-exact

@@ -53,21 +53,50 @@ def direct_selection(z: torch.Tensor, k: int) -> torch.Tensor:
     return s.topk(k).indices.sort().values
 
 
+@torch.no_grad()
+def prompt_activations(net, prompts) -> list[dict[int, torch.Tensor]]:
+    """The activations z [s, d_ff] each block's FF sees for each prompt alone (its down layer's input;
+    SUBLLM: only the tokens the level kept), per prompt: layer id -> z."""
+    seen: list[dict[int, torch.Tensor]] = [{} for _ in prompts]
+    row = 0
+    hooks = [b.mlp.down.register_forward_pre_hook(lambda m, a, i=b.layer_id: seen[row].__setitem__(i, a[0][0]))
+             for b in net.blocks()]
+    for row, p in enumerate(prompts):
+        net(p[None], threshold=True)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def check_batch_and_masked_decode(gen, prompts, cont, ff, experts, logits, *, atol):
+    """A batch decodes each row as it would alone (same neurons, same logits), and decoding with the
+    compact buffers is the full model with every other neuron's z zeroed on decoded tokens."""
+    for i, p in enumerate(prompts):
+        alone_experts, alone = run(gen, [p], cont[i:i + 1], ff)
+        torch.testing.assert_close(alone[0], logits[i], atol=atol, rtol=0)
+        assert all(torch.equal(a.index[0], e.index[i]) for a, e in zip(alone_experts, experts))
+    b, net = len(prompts), gen.model
+    masks = {blk.layer_id: torch.zeros(b, net.cfg.ffn_hidden).scatter_(1, e.index, 1.0)
+             for e, blk in zip(experts, net.blocks())}
+
+    def mask_decoded(z, i):
+        return (z * masks[i][:, None, :],) if z.shape[:2] == (b, 1) else None
+
+    hooks = [blk.mlp.down.register_forward_pre_hook(lambda m, a, i=blk.layer_id: mask_decoded(a[0], i))
+             for blk in net.blocks()]
+    _, masked = run(gen, prompts, cont, None)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(logits, masked, atol=atol, rtol=0)
+    assert not torch.allclose(logits, run(gen, prompts, cont, None)[1], atol=1e-3)  # the other neurons matter
+
+
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_selection_is_the_formula_per_sequence_and_decoding_uses_only_it(structure):
     net = build(structure)
     gen = Generator.from_model(net, dtype=torch.float32)
     prompts, cont = prompts_and_cont()
-    # the activations z every block's FF sees for each prompt alone (SUBLLM: only the kept tokens)
-    seen: list[dict[int, torch.Tensor]] = [{} for _ in prompts]
-    row = 0
-    hooks = [b.mlp.down.register_forward_pre_hook(lambda m, a, i=b.layer_id: seen[row].__setitem__(i, a[0][0]))
-             for b in net.blocks()]
-    with torch.no_grad():
-        for row, p in enumerate(prompts):
-            net(p[None], threshold=True)
-    for h in hooks:
-        h.remove()
+    seen = prompt_activations(net, prompts)
     ff = FFSelection(density=0.5)
     experts, logits = run(gen, prompts, cont, ff)
     for e, block in zip(experts, net.blocks()):
@@ -79,27 +108,7 @@ def test_selection_is_the_formula_per_sequence_and_decoding_uses_only_it(structu
             assert torch.equal(e.index[row], expected), (block.layer_id, row)
     assert not torch.equal(experts[0].index[0], experts[0].index[1])  # each sequence its own neurons
 
-    # batch of 3 == each sequence alone
-    for i, p in enumerate(prompts):
-        alone_experts, alone = run(gen, [p], cont[i:i + 1], ff)
-        torch.testing.assert_close(alone[0], logits[i], atol=ATOL, rtol=0)
-        assert all(torch.equal(a.index[0], e.index[i]) for a, e in zip(alone_experts, experts))
-
-    # decoding with the compact buffers == the full model with every other neuron zeroed on decoded tokens
-    masks = {b.layer_id: torch.zeros(3, net.cfg.ffn_hidden).scatter_(1, e.index, 1.0)
-             for e, b in zip(experts, net.blocks())}
-
-    def mask_decoded(m, args, i):
-        z = args[0]
-        return (z * masks[i][:, None, :],) if z.shape[:2] == (3, 1) else None
-
-    hooks = [b.mlp.down.register_forward_pre_hook(lambda m, a, i=b.layer_id: mask_decoded(m, a, i))
-             for b in net.blocks()]
-    _, masked = run(gen, prompts, cont, None)
-    for h in hooks:
-        h.remove()
-    torch.testing.assert_close(logits, masked, atol=ATOL, rtol=0)
-    assert not torch.allclose(logits, run(gen, prompts, cont, None)[1], atol=1e-3)  # 50% of the FF does matter
+    check_batch_and_masked_decode(gen, prompts, cont, ff, experts, logits, atol=ATOL)
 
 
 def test_baselines_and_memory():
@@ -119,7 +128,8 @@ def test_baselines_and_memory():
     assert k == f // 4
     for e in rnd:
         assert e.nbytes() == 3 * (3 * k * d * 4) + 3 * k * 8
-        assert all(t.shape == (3, k, d) for t in (e.gate, e.up, e.down)) and e.scores is None
+        w = e.weights
+        assert all(t.shape == (3, k, d) for t in (w.gate, w.up, w.down)) and e.scores is None
     with pytest.raises(ValueError, match="density"):
         FFSelection(density=0.0)
     with pytest.raises(ValueError, match="method"):
@@ -127,7 +137,11 @@ def test_baselines_and_memory():
 
 
 def test_generate_with_griffin():
-    gen = Generator.from_model(build("TT(TT(T)T)T"), dtype=torch.float32)
+    check_generate(Generator.from_model(build("TT(TT(T)T)T"), dtype=torch.float32))
+
+
+def check_generate(gen):
+    """Density 1.0 is the full model's text; at 0.5 every row of a batch decodes as it would alone."""
     prompts = [p.tolist() for p in prompts_and_cont()[0]]
     greedy = SamplingConfig(max_new_tokens=6, temperature=0)
     full = gen.generate_ids(prompts, greedy)
@@ -162,7 +176,8 @@ def test_griffin_cuda_graphs_match_eager():
     gen = Generator.from_model(build("TT(TT(T)T)T"), dtype=torch.float32)
     prompts, cont = prompts_and_cont()
     results = []
-    for graphs in (False, True):
-        gen.cuda_graphs = graphs
+    for graphs, compile in ((False, False), (True, False), (True, True)):
+        gen.cuda_graphs, gen.compile = graphs, compile
         results.append(run(gen, prompts, cont.cuda(), FFSelection(density=0.5))[1])
-    assert torch.equal(*results)
+    assert torch.equal(results[1], results[0])  # a replay runs the eager step's kernels
+    torch.testing.assert_close(results[2], results[0], atol=1e-4, rtol=0)  # compiled: fused, not bit-exact
