@@ -7,28 +7,43 @@
             rng_rank00000.pt                                 RNG states of every rank
             frugal.json                                      step, data position, MLflow run id,
                                                              resolved config (readable without torch)
+            manifest.json                                    written LAST: layout + every file's
+                                                             size and crc32
 
-A checkpoint becomes `latest` only after every rank reported a finished write; a save that dies
-half-way leaves a folder that `latest` never names, so resume never picks it (and the next save
-of that step replaces it). Older complete checkpoints beyond `keep_last` are deleted after that.
+A checkpoint is complete when its manifest exists: rank 0 writes it (atomically) only after every
+rank reported a finished write, then points `latest` at it (atomically). A save that dies half-way
+leaves a folder without a manifest that `latest` never names, so resume never picks it (and the next
+save of that step replaces it); a save that fails (disk full) removes its folder and raises.
+Resuming verifies the manifest (files present, sizes, checksums) and falls back to the previous
+complete checkpoint, with a warning, when the newest one fails. Older complete checkpoints beyond
+`keep_last` are deleted after a save, never the one just written nor the one a run fell back to.
+
+Loading never runs pickled code: every torch.load is weights_only=True, with an allow-list of the
+few plain classes DeepSpeed's optimizer files and the RNG files hold (pretrain/safe_load.py).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import random
 import shutil
+import time
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from pretrain.errors import CheckpointError
+from pretrain.safe_load import safe_engine_loads, safe_load, safe_torch_load
 
 LATEST = "latest"
 META = "frugal.json"
+MANIFEST = "manifest.json"
+FORMAT = 2  # meta["checkpoint_format"]: 2 = folders that get a manifest (older ones load unverified)
 
 
 def tag_for(step: int) -> str:
@@ -52,8 +67,10 @@ def read_latest(ckpt_dir: Path) -> Path | None:
     return path
 
 
-def resolve_resume(setting: str, run_ckpt_dir: Path) -> Path | None:
-    """Turn `checkpoint.resume` into a checkpoint folder (or None = fresh start)."""
+def resolve_resume(setting: str, run_ckpt_dir: Path, *, verify: bool = True,
+                   warn: Callable[[str], None] = print) -> Path | None:
+    """Turn `checkpoint.resume` into a checkpoint folder (or None = fresh start), verified against its
+    manifest (`verify`: also the checksums, else presence and sizes only)."""
     if setting == "never":
         if read_latest(run_ckpt_dir) is not None:
             raise CheckpointError(
@@ -61,12 +78,91 @@ def resolve_resume(setting: str, run_ckpt_dir: Path) -> Path | None:
                 "overwrite them (use checkpoint.resume=auto, or another run dir)")
         return None
     if setting == "auto":
-        return read_latest(run_ckpt_dir)
+        return newest_complete(run_ckpt_dir, verify=verify, warn=warn)
+    path = Path(setting)
+    for candidate in (path, path / "checkpoints"):  # a run's checkpoints: the newest one that verifies
+        if not (candidate / META).is_file() and (candidate / LATEST).is_file():
+            return newest_complete(candidate, verify=verify, warn=warn)
     path = find(setting, key="checkpoint.resume")
     if read_meta(path).get("format") == WEIGHTS:
         raise CheckpointError(f"checkpoint.resume={setting} is a weights-only folder (no optimizer state): "
                               "start from it with checkpoint.init_from instead")
+    problem = check_folder(path, verify=verify)  # named explicitly: no fallback
+    if problem == UNVERIFIED:
+        warn(f"warning: {path} has no {MANIFEST} (written before manifests existed): loading it unverified")
+    elif problem:
+        raise CheckpointError(f"checkpoint.resume={setting}: {problem}")
     return path
+
+
+UNVERIFIED = "unverified"  # check_folder's answer for a pre-manifest checkpoint
+
+
+def check_folder(path: Path, *, verify: bool = True) -> str | None:
+    """None if the checkpoint folder is complete and intact, UNVERIFIED for a complete-looking folder
+    written before manifests existed, else the problem (naming the file)."""
+    if not (path / META).is_file():
+        return f"{path / META} is missing"
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        try:
+            fmt = read_meta(path).get("checkpoint_format", 1)
+        except CheckpointError as e:
+            return str(e)
+        return (f"{manifest} is missing: the save of this checkpoint never finished" if fmt >= FORMAT
+                else UNVERIFIED)
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"cannot read {manifest}: {e!r}"
+    for entry in files:
+        f = path / entry["name"]
+        if not f.is_file():
+            return f"{f} is missing"
+        size = f.stat().st_size
+        if size != entry["size"]:
+            return f"{f} has {size} bytes, the manifest says {entry['size']}"
+        if verify and _crc32(f) != entry["crc32"]:
+            return f"{f} is corrupted (crc32 differs from the manifest's)"
+    return None
+
+
+def newest_complete(ckpt_dir: Path, *, verify: bool = True, warn: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint to resume from: the one `latest` names if it verifies, else the newest older
+    complete one that does (with a warning naming what failed). None if there are no checkpoints;
+    CheckpointError (nothing deleted) if there are some but none verifies."""
+    pointer = ckpt_dir / LATEST
+    if not pointer.is_file():
+        return None
+    newest = pointer.read_text().strip()
+    older = [p.name for p in ckpt_dir.glob("step_*") if p.is_dir() and p.name.removeprefix("step_").isdigit()]
+    if newest.removeprefix("step_").isdigit():  # folders newer than `latest` are unfinished saves
+        older = [t for t in older if _step_of(t) < _step_of(newest)]
+    candidates = [newest] + sorted(older, key=_step_of, reverse=True)
+    problems = []
+    for tag in candidates:
+        path = ckpt_dir / tag
+        problem = check_folder(path, verify=verify)
+        if problem == UNVERIFIED:
+            warn(f"warning: {path} has no {MANIFEST} (written before manifests existed): loading it unverified")
+            return path
+        if problem is None:
+            if problems:
+                warn(f"warning: falling back to the previous complete checkpoint {path}")
+            return path
+        problems.append(f"{tag}: {problem}")
+        warn(f"warning: checkpoint {path} failed verification: {problem}")
+    raise CheckpointError(f"no checkpoint in {ckpt_dir} verifies (nothing was deleted):\n  " + "\n  ".join(problems))
+
+
+def fallback_horizon(ckpt_dir: Path, resumed: Path | None) -> int:
+    """When a run resumed from an older checkpoint of its own because `latest` failed verification:
+    the failed one's step (pruning keeps the resumed one until the run saves past it), else 0."""
+    pointed = _pointed(ckpt_dir)
+    if (resumed is None or resumed.parent != ckpt_dir or not pointed or pointed == resumed.name
+            or not pointed.removeprefix("step_").isdigit()):
+        return 0
+    return _step_of(pointed)
 
 
 def find(setting: str | Path, key: str | None = None) -> Path:
@@ -131,44 +227,107 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine, ckpt_dir: Path, step: int, meta: dict[str, Any], *, rank: int, keep_last: int,
-         extra_files: list[Path] = ()) -> Path:
+         extra_files: list[Path] = (), layout: dict[str, int] | None = None, protect: Path | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder.
 
-    `extra_files` (e.g. the tokenizer) are copied in by rank 0 so a checkpoint is self-contained."""
+    Every rank writes its shards; once all report success rank 0 writes the manifest, then `latest`.
+    A failed write on any rank (disk full) removes the folder and raises CheckpointError on every
+    rank, `latest` still naming the previous checkpoint. `extra_files` (e.g. the tokenizer) are
+    copied in by rank 0 so a checkpoint is self-contained; `layout` (tp, pp, dp, zero stage, world
+    size) goes into the manifest; `protect`: a checkpoint folder pruning must keep (the one this run
+    fell back to)."""
     from parallel.distributed import all_ranks_true, barrier
 
     tag = tag_for(step)
     path = ckpt_dir / tag
-    ok = True
+    if rank == 0 and path.exists() and _pointed(ckpt_dir) != tag:
+        shutil.rmtree(path, ignore_errors=True)  # a stale unfinished save of this step: start clean
+    barrier()
+    error = None
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"frugal": meta}, save_latest=False)
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"frugal": {**meta, "checkpoint_format": FORMAT}},
+                               save_latest=False)
         torch.save(_rng_state(), path / f"rng_rank{rank:05d}.pt")
         if rank == 0:
             for f in extra_files:
                 shutil.copy2(f, path / Path(f).name)
-            _write_atomic(path / META, json.dumps(meta, indent=1, default=str))
+            _write_atomic(path / META, json.dumps({**meta, "checkpoint_format": FORMAT}, indent=1, default=str))
+        _test_hooks(path, step, rank)
     except OSError as e:
+        error = e
         print(f"[rank {rank}] checkpoint write failed: {e}", flush=True)
-        ok = False
-    if not all_ranks_true(ok):  # someone failed: `latest` keeps pointing at the previous one
-        raise CheckpointError(f"saving checkpoint {path} failed on at least one rank; "
-                              f"{ckpt_dir / LATEST} still names the previous checkpoint")
+    if not all_ranks_true(error is None):  # someone failed: `latest` keeps pointing at the previous one
+        if rank == 0 and _pointed(ckpt_dir) != tag:
+            shutil.rmtree(path, ignore_errors=True)
+        barrier()
+        where = f": {error}" if error is not None else " (see the other ranks' messages)"
+        raise CheckpointError(f"saving checkpoint {path} failed on at least one rank{where}; the unfinished "
+                              f"folder was removed and {ckpt_dir / LATEST} still names the previous checkpoint "
+                              f"({_pointed(ckpt_dir)})")
     if rank == 0:
-        _write_atomic(ckpt_dir / LATEST, tag)
-        _prune(ckpt_dir, keep_last, current=tag)
+        try:
+            _write_manifest(path, step, layout or {})
+            _write_atomic(ckpt_dir / LATEST, tag)
+        except OSError as e:
+            error = e
+    if not all_ranks_true(error is None):
+        raise CheckpointError(f"writing the manifest of checkpoint {path} failed: {error}; "
+                              f"{ckpt_dir / LATEST} still names {_pointed(ckpt_dir)}")
+    if rank == 0:
+        _prune(ckpt_dir, keep_last, current=tag, protect=protect.name if protect is not None else None)
     barrier()
     return path
 
 
+def _pointed(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names, or None."""
+    try:
+        return (ckpt_dir / LATEST).read_text().strip()
+    except OSError:
+        return None
+
+
+def _test_hooks(path: Path, step: int, rank: int) -> None:
+    """Fault drills (tests/pretrain/test_fault_drills.py), inert unless their variable is set:
+    FRUGAL_TEST_SLOW_SAVE=STEP:RANK: that rank, after writing its files of that step's checkpoint,
+        writes its pid to <checkpoints>/test_slow_save.pid and sleeps (to be killed mid-save);
+    FRUGAL_TEST_FAIL_SAVE=STEP: every rank's write of that step fails as on a full disk."""
+    slow = os.environ.get("FRUGAL_TEST_SLOW_SAVE")
+    if slow and slow == f"{step}:{rank}":
+        (path.parent / "test_slow_save.pid").write_text(str(os.getpid()))
+        time.sleep(300)
+    if os.environ.get("FRUGAL_TEST_FAIL_SAVE") == str(step):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / f"rng_rank{rank:05d}.pt"))
+
+
+def _crc32(file: Path, chunk: int = 1 << 22) -> int:
+    crc = 0
+    with open(file, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _write_manifest(path: Path, step: int, layout: dict[str, int]) -> None:
+    files = [{"name": f.name, "size": f.stat().st_size, "crc32": _crc32(f)}
+             for f in sorted(path.iterdir()) if f.is_file() and f.name != MANIFEST and not f.name.endswith(".tmp")]
+    _write_atomic(path / MANIFEST, json.dumps({"step": step, "layout": layout, "files": files}, indent=1))
+
+
 def load(engine, path: Path, *, rank: int) -> dict[str, Any]:
     """Load shards + this rank's RNG state; returns the Frugal metadata."""
-    load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+    try:
+        with safe_engine_loads(engine):
+            load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
+        rng_file = path / f"rng_rank{rank:05d}.pt"
+        rng = safe_load(rng_file) if rng_file.is_file() else None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refusing to load a checkpoint file that holds more than data: {e}") from None
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no loadable shards in {path}")
-    rng_file = path / f"rng_rank{rank:05d}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+    if rng is not None:
+        _set_rng_state(rng)
     return client["frugal"]
 
 
@@ -228,12 +387,14 @@ def load_weights(path: Path, model) -> dict[str, Any]:
                                   "consolidated here (only tensor-parallel size 1); convert it first")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        shards = [get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)]
+        try:
+            with safe_torch_load():
+                shards = [get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)]
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{path}: refusing to load a checkpoint file that holds more than data: {e}") from None
     else:
-        # a weights-only folder holds plain tensors: read it without unpickling code; DeepSpeed's
-        # per-rank files hold more than tensors and need the full unpickler
-        shards = [_read_module(path / model_file(r), saved_tp, weights_only=meta.get("format") == WEIGHTS)
-                  for r in range(saved_tp)]
+        # never unpickling code: DeepSpeed's per-rank module files hold tensors and plain data
+        shards = [_read_module(path / model_file(r), saved_tp) for r in range(saved_tp)]
     # an elastic model's shards hold its units round-robin, any other model's megatron's contiguous split
     saved_elastic = config["model"].get("elastic", {}).get("enabled", False)
     try:
@@ -250,12 +411,12 @@ def load_weights(path: Path, model) -> dict[str, Any]:
     return full
 
 
-def _read_module(file: Path, saved_tp: int, *, weights_only: bool) -> dict[str, Any]:
+def _read_module(file: Path, saved_tp: int) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"missing {file} (the checkpoint was written at parallel.tensor={saved_tp}, "
                               "one module file per tensor-parallel rank)")
     try:
-        return torch.load(file, map_location="cpu", weights_only=weights_only)["module"]
+        return safe_load(file, map_location="cpu")["module"]
     except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"cannot read the module weights in {file}: {e!r}") from None
 
@@ -269,8 +430,14 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prune(ckpt_dir: Path, keep_last: int, current: str) -> None:
-    tags = sorted((p.name for p in ckpt_dir.glob("step_*") if (p / META).is_file()), key=_step_of)
+def _prune(ckpt_dir: Path, keep_last: int, current: str, protect: str | None = None) -> None:
+    """Delete complete checkpoints older than the newest `keep_last` up to `current` (the one just
+    written, also kept). Never touched: `current`, `protect` (the checkpoint a run fell back to),
+    folders newer than `current` (left by an abandoned timeline; the save of their step replaces them)
+    and unfinished folders (no manifest) of format 2."""
+    tags = sorted((p.name for p in ckpt_dir.glob("step_*") if p.name.removeprefix("step_").isdigit()
+                   and _step_of(p.name) <= _step_of(current) and check_folder(p, verify=False) in (None, UNVERIFIED)),
+                  key=_step_of)
     for tag in tags[:-keep_last] if keep_last > 0 else []:
-        if tag != current:
+        if tag not in (current, protect):
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)

@@ -197,6 +197,9 @@ class CheckpointConfig(Section):
     # start a fresh run from these weights (a checkpoint folder, any tensor-parallel size): no optimizer
     # state, step 0. Elastic continued training starts from an `elastify` output this way.
     init_from: str | None = None
+    # check a checkpoint against its manifest's crc32 checksums before resuming from it (every rank
+    # reads every file of it once: about a second per GB; false = only presence and sizes)
+    verify: bool = True
 
 
 class TrackingConfig(Section):

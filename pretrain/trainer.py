@@ -7,10 +7,14 @@ Order of work, chosen so that bad input fails before anything expensive or destr
   3. model (same seed on every rank: TP-independent init), optimizer, DeepSpeed engine;
   4. load the checkpoint (weights, optimizer, LR schedule, data position, RNG, MLflow run id);
   5. the loop: micro-batches -> one optimizer step; validation and checkpoints on schedule.
+
+SIGTERM / SIGUSR1 during the loop: the step finishes, every rank saves it, exit code 0
+(pretrain/preemption.py).
 """
 from __future__ import annotations
 
 import math
+import os
 import resource
 import time
 from pathlib import Path
@@ -23,6 +27,9 @@ from pretrain import checkpoint as ckpt
 from pretrain.config import RunConfig, check_layout, decay_start, padded_vocab
 from pretrain.data import PackedDataset, TrainLoader, val_batches
 from pretrain.errors import ConfigError, FrugalError
+from pretrain.preemption import StopSignals
+
+_TEST_STEP_DELAY = float(os.environ.get("FRUGAL_TEST_STEP_DELAY", "0"))  # seconds; set by fault-drill tests
 
 # Dense bf16 peak of the GPUs we report MFU against (datasheet, no sparsity).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -92,7 +99,12 @@ class Trainer:
         self.cfg = cfg = resolve_model(cfg, self.data)
         self.run_dir = Path(cfg.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_dir)
+        rank0 = int(os.environ.get("RANK", "0")) == 0  # (no process group yet)
+        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_dir, verify=cfg.checkpoint.verify,
+                                               warn=lambda msg: rank0 and print(msg, flush=True))
+        # a checkpoint we fell back to (the newest failed verification) is kept until the run saves past
+        # the failed one's step
+        self.fallback_horizon = ckpt.fallback_horizon(self.ckpt_dir, self.resume_from)
         if self.resume_from is not None:
             parallel = {**cfg.parallel.model_dump(), "dp_size": self.dp_size}
             ckpt.check_compatible(ckpt.read_meta(self.resume_from), cfg.model.model_dump(mode="json"), parallel,
@@ -147,6 +159,8 @@ class Trainer:
         self._dp_group = self._megatron_dp_group()
         self.step = 0
         self.skipped_steps = 0
+        self.stop_signals = StopSignals(self.layout.rank)  # SIGTERM/SIGUSR1 this rank received
+        self.stop_agreed = False  # some rank received one: stop after this step
         run_id = None  # the MLflow run a resumed job appends to
         if self.resume_from is not None:
             meta = ckpt.load(self.engine, self.resume_from, rank=self.layout.rank)
@@ -233,9 +247,12 @@ class Trainer:
         local = torch.stack(losses)
         # Over the whole world: TP ranks hold replicas of their replica's loss, so sum / world is the
         # mean over data-parallel replicas, and every rank takes the same decision.
-        stats = torch.stack([local.mean(), (~torch.isfinite(local)).sum().to(local.dtype)])
+        # The third entry: did any rank receive a stop signal (the same decision everywhere, no extra sync).
+        stats = torch.stack([local.mean(), (~torch.isfinite(local)).sum().to(local.dtype),
+                             torch.tensor(float(self.stop_signals.received is not None), dtype=local.dtype, device=local.device)])
         dist.all_reduce(stats)
         loss, bad = stats[0].item() / self.layout.world_size, stats[1].item()
+        self.stop_agreed = stats[2].item() > 0
         if bad:
             zero.skip_step(engine)
             engine.lr_scheduler.step()  # the schedule follows the step counter, applied or not
@@ -282,8 +299,12 @@ class Trainer:
                 "mlflow_run_id": self.tracker.run_id, "dp_size": self.dp_size,
                 "samples_consumed": self.loader.samples_consumed_total,
                 "config": self.cfg.model_dump(mode="json")}
+        layout = {"tp": self.layout.tp_size, "pp": 1, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage,
+                  "world_size": self.layout.world_size}
+        protect = self.resume_from if self.step <= self.fallback_horizon else None
         return ckpt.save(self.engine, self.ckpt_dir, self.step, meta, rank=self.layout.rank,
-                         keep_last=self.cfg.checkpoint.keep_last, extra_files=[self.data.tokenizer_path])
+                         keep_last=self.cfg.checkpoint.keep_last, extra_files=[self.data.tokenizer_path],
+                         layout=layout, protect=protect)
 
     def decay_branch(self, end: int) -> dict[str, float]:
         """WSD with several decay points: from this stable-phase step, train a copy whose LR decays
@@ -322,6 +343,7 @@ class Trainer:
         bad_in_row = 0
         history: list[dict[str, float]] = []
         status = "FAILED"
+        self.stop_signals.install()
         try:
             while self.step < t.steps:
                 if self.step in self.decay_branches:
@@ -342,8 +364,13 @@ class Trainer:
                             f"(training.max_bad_steps={t.max_bad_steps}); last good checkpoint: "
                             f"{ckpt.read_latest(self.ckpt_dir)}. Lower optimizer.lr or check the data.")
                     self.tracker.log_metrics({"skipped_steps": self.skipped_steps}, step=self.step)
+                    if self.stop_agreed and self.step < t.steps:
+                        self.save()
+                        break
                     continue
                 bad_in_row = 0
+                if _TEST_STEP_DELAY:  # fault drills only (tests/pretrain/test_fault_drills.py): a slow step
+                    time.sleep(_TEST_STEP_DELAY)
                 dt = time.perf_counter() - t0
                 metrics["tokens_per_sec"] = tokens_per_step / dt
                 metrics["step_time_s"] = dt
@@ -370,6 +397,18 @@ class Trainer:
                 every = cfg.checkpoint.every
                 if self.step == t.steps or (every and self.step % every == 0):
                     self.save()
+                    if self.stop_agreed and self.step < t.steps:
+                        break
+                elif self.stop_agreed:
+                    self.save()
+                    break
+            if self.stop_agreed and self.step < t.steps:
+                status = "KILLED"
+                self.progress.log(f"step {self.step}: stop signal received; checkpoint "
+                                  f"{ckpt.tag_for(self.step)} saved, exiting with code 0 "
+                                  "(resume with checkpoint.resume=auto)")
+                return {"history": history, "run_id": self.tracker.run_id, "stopped": True,
+                        "checkpoint": ckpt.read_latest(self.ckpt_dir), "ui": self.tracker.ui_command()}
             if self.elastic is not None and self.layout.is_rank0:  # the sub-network each budget names now
                 import json
 
@@ -380,6 +419,7 @@ class Trainer:
             status = "KILLED"
             raise
         finally:
+            self.stop_signals.restore()
             self.progress.close()
             self.tracker.close(status)
         return {"history": history, "run_id": self.tracker.run_id, "checkpoint": ckpt.read_latest(self.ckpt_dir),
