@@ -18,6 +18,9 @@ Resuming verifies the manifest (files present, sizes, checksums) and falls back 
 complete checkpoint, with a warning, when the newest one fails. Older complete checkpoints beyond
 `keep_last` are deleted after a save, never the one just written nor the one a run fell back to.
 
+Resuming at another data-parallel size under ZeRO >= 1 loads a DeepSpeed universal conversion of
+the checkpoint, made once and cached in it (pretrain/universal.py).
+
 Loading never runs pickled code: every torch.load is weights_only=True, with an allow-list of the
 few plain classes DeepSpeed's optimizer files and the RNG files hold (pretrain/safe_load.py).
 """
@@ -195,10 +198,8 @@ def check_compatible(meta: dict[str, Any], model_cfg: dict[str, Any], parallel_c
         raise CheckpointError(
             f"checkpoint {path} has parallel.tensor={saved_tp} shards, this run uses "
             f"parallel.tensor={parallel_cfg['tensor']}; resume with the same tensor-parallel size")
-    if meta["dp_size"] != parallel_cfg["dp_size"] and parallel_cfg["zero_stage"] > 0:
-        raise CheckpointError(
-            f"checkpoint {path} holds ZeRO optimizer shards for {meta['dp_size']} data-parallel ranks, "
-            f"this run has {parallel_cfg['dp_size']}; resume with the same data-parallel size")
+    # a different data-parallel size is fine: ZeRO shards are re-cut through a universal checkpoint
+    # (needs_universal, load), ZeRO-0's optimizer state is not sharded at all
 
 
 def check_model(meta: dict[str, Any], model_cfg: dict[str, Any], path: Path, ignore: tuple[str, ...] = ()) -> None:
@@ -314,18 +315,31 @@ def _write_manifest(path: Path, step: int, layout: dict[str, int]) -> None:
     _write_atomic(path / MANIFEST, json.dumps({"step": step, "layout": layout, "files": files}, indent=1))
 
 
-def load(engine, path: Path, *, rank: int) -> dict[str, Any]:
-    """Load shards + this rank's RNG state; returns the Frugal metadata."""
+def load(engine, path: Path, *, rank: int, universal: bool = False) -> dict[str, Any]:
+    """Load shards + this rank's RNG state; returns the Frugal metadata. Collective when `universal`
+    (the checkpoint was written at another data-parallel size under ZeRO >= 1): rank 0 converts it
+    (to_universal, cached), the others wait, then every rank loads the universal folder."""
+    from pretrain import universal as universal_ckpt
+
+    load_dir, tag = path.parent, path.name
+    if universal:
+        load_dir, tag = universal_ckpt.convert_collectively(path, rank=rank)
+    config = engine._config
+    config.load_universal_checkpoint = universal  # read by load_checkpoint only: set for this load
     try:
-        with safe_engine_loads(engine):
-            load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+        with safe_engine_loads(engine), safe_torch_load():  # universal loading calls torch.load itself
+            load_path, client = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                        load_lr_scheduler_states=True)
         rng_file = path / f"rng_rank{rank:05d}.pt"
         rng = safe_load(rng_file) if rng_file.is_file() else None
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refusing to load a checkpoint file that holds more than data: {e}") from None
+    finally:
+        config.load_universal_checkpoint = False
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no loadable shards in {path}")
+    if universal and engine.zero_optimization_stage() == 3:
+        universal_ckpt.fix_zero3_groups(engine, path)
     if rng is not None:
         _set_rng_state(rng)
     return client["frugal"]

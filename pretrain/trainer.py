@@ -28,6 +28,7 @@ from pretrain.config import RunConfig, check_layout, decay_start, padded_vocab
 from pretrain.data import PackedDataset, TrainLoader, val_batches
 from pretrain.errors import ConfigError, FrugalError
 from pretrain.preemption import StopSignals
+from pretrain.universal import needs_universal
 
 _TEST_STEP_DELAY = float(os.environ.get("FRUGAL_TEST_STEP_DELAY", "0"))  # seconds; set by fault-drill tests
 
@@ -163,7 +164,9 @@ class Trainer:
         self.stop_agreed = False  # some rank received one: stop after this step
         run_id = None  # the MLflow run a resumed job appends to
         if self.resume_from is not None:
-            meta = ckpt.load(self.engine, self.resume_from, rank=self.layout.rank)
+            # written at another data-parallel size under ZeRO >= 1: through a universal checkpoint
+            universal = needs_universal(ckpt.read_meta(self.resume_from), self.dp_size)
+            meta = ckpt.load(self.engine, self.resume_from, rank=self.layout.rank, universal=universal)
             self.step = meta["step"]
             self.skipped_steps = meta.get("skipped_steps", 0)
             self.loader.load_state_dict(meta["data"])

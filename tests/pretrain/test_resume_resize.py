@@ -1,0 +1,84 @@
+"""Resume a ZeRO run at another data-parallel size, through DeepSpeed's universal checkpoint: the
+losses, grad norms and learning rates continue as an uninterrupted run's on the same global batches,
+no sample is repeated or skipped, the conversion is cached beside the checkpoint (outside its
+manifest, pruned with it), and a tensor-parallel change is still refused clearly."""
+import json
+from pathlib import Path
+
+import pytest
+
+from pretrain import checkpoint as ckpt
+from pretrain import universal
+from pretrain.errors import CheckpointError
+from tests.helpers import worker
+
+WORKER = Path(__file__).with_name("resize_worker.py")
+N, M = 3, 3  # steps before / after the change (resize_worker.py)
+
+
+def check(out: Path, stages: str, saved_dp: int, resumed_dp: int, stdout: str) -> None:
+    save, resume = json.loads((out / "save.json").read_text()), json.loads((out / "resume.json").read_text())
+    for stage in stages.split(","):
+        s, r = save[stage], resume[stage]
+        assert (s["dp"], r["dp"]) == (saved_dp, resumed_dp)
+        ref = r["reference"]
+        assert len(s["losses"]) + len(r["resumed"]) == len(ref) == N + M
+        for i, (got, want) in enumerate(zip(s["losses"] + r["resumed"], ref)):
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (stage, i)
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), (stage, i)
+            assert got["lr"] == want["lr"], (stage, i)
+        assert r["again"][0]["loss"] == pytest.approx(ref[N]["loss"], rel=1e-5), stage
+        # the data: no sample twice; with the rest of the epoch, exactly a fresh loader's epoch
+        assert r["repeated"] == 0 and r["epoch_matches"], stage
+        assert r["samples_consumed"] == (N + M) * 8
+        path = out / f"zero{stage}" / "checkpoints" / ckpt.tag_for(N)
+        assert (path / universal.UNIVERSAL).is_dir() and not (path / "universal.partial").exists()
+        assert not (path / "latest_universal").exists()
+        assert ckpt.check_folder(path) is None  # the cache leaves the manifest's verification intact
+    # converted once per stage; the second resume reuses it
+    n = len(stages.split(","))
+    assert stdout.count("converted universal checkpoint") == n, stdout[-3000:]
+    assert stdout.count("reusing universal checkpoint") == n, stdout[-3000:]
+
+
+def test_resume_zero123_dp2_as_dp1(tiny_data, tmp_path):
+    worker(WORKER, str(tiny_data), str(tmp_path), "1,2,3", "save", nproc=2, timeout=300)
+    res = worker(WORKER, str(tiny_data), str(tmp_path), "1,2,3", "resume", nproc=1, timeout=300)
+    check(tmp_path, "1,2,3", 2, 1, res.stdout)
+
+
+def test_resume_zero1_dp1_as_dp2(tiny_data, tmp_path):
+    worker(WORKER, str(tiny_data), str(tmp_path), "1", "save", nproc=1, timeout=300)
+    res = worker(WORKER, str(tiny_data), str(tmp_path), "1", "resume", nproc=2, timeout=300)
+    check(tmp_path, "1", 1, 2, res.stdout)
+
+
+def _meta(tp: int, dp: int, stage: int) -> dict:
+    return {"dp_size": dp, "config": {"model": {"d_model": 32}, "parallel": {"tensor": tp, "zero_stage": stage}}}
+
+
+def test_which_resumes_convert():
+    model = {"d_model": 32}
+    # a DP change passes the compatibility check at any ZeRO stage ...
+    for stage in (0, 1, 2, 3):
+        ckpt.check_compatible(_meta(1, 2, stage), model, {"tensor": 1, "zero_stage": stage, "dp_size": 1}, Path("c"))
+    # ... and goes through a universal checkpoint only when the optimizer state is cut into ZeRO shards
+    assert not universal.needs_universal(_meta(1, 2, 0), 1)  # ZeRO-0: the state is whole in every file
+    assert not universal.needs_universal(_meta(1, 2, 1), 2)
+    assert all(universal.needs_universal(_meta(1, 2, s), 1) for s in (1, 2, 3))
+    # a tensor-parallel change is still refused, clearly
+    with pytest.raises(CheckpointError, match="parallel.tensor=2 shards.*same tensor-parallel size"):
+        ckpt.check_compatible(_meta(2, 1, 1), model, {"tensor": 1, "zero_stage": 1, "dp_size": 1}, Path("c"))
+
+
+def test_pruning_deletes_the_universal_cache(tmp_path):
+    for step in (1, 2, 3):
+        path = tmp_path / ckpt.tag_for(step)
+        (path / universal.UNIVERSAL / "zero").mkdir(parents=True)
+        (path / universal.UNIVERSAL / "zero" / "x.pt").write_bytes(b"x")
+        (path / ckpt.META).write_text(json.dumps({"step": step, "checkpoint_format": ckpt.FORMAT}))
+        ckpt._write_manifest(path, step, {})
+        assert [f["name"] for f in json.loads((path / ckpt.MANIFEST).read_text())["files"]] == [ckpt.META]
+        assert ckpt.check_folder(path) is None
+    ckpt._prune(tmp_path, keep_last=1, current=ckpt.tag_for(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.tag_for(3)]
