@@ -43,6 +43,11 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank_from_env() -> int:
+    """This process's global rank before any process group exists (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(tensor_parallel: int = 1, *, timeout_s: float = 600.0) -> Layout:
     """Initialize torch.distributed and megatron-core's parallel_state; idempotent."""
     if not dist.is_initialized():

@@ -34,10 +34,9 @@ def _normal(std: float):
 class ColumnLinear(mtp.ColumnParallelLinear):
     """y = x Wᵀ with W split by output rows; the output stays sharded (no gather)."""
 
-    def __init__(self, in_features: int, out_features: int, *, init_std: float, gather_output=False,
-                 skip_weight=False):
+    def __init__(self, in_features: int, out_features: int, *, init_std: float, skip_weight=False):
         super().__init__(in_features, out_features, config=megatron_config(), init_method=_normal(init_std),
-                         bias=False, gather_output=gather_output, skip_bias_add=True,
+                         bias=False, gather_output=False, skip_bias_add=True,
                          skip_weight_param_allocation=skip_weight, tp_group=ps.get_tensor_model_parallel_group())
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -38,12 +38,13 @@ def _has_cuda() -> bool:
 
 
 def cmd_train(args) -> int:
+    from parallel.distributed import rank_from_env
     from pretrain.config import load_config
     from pretrain.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_from_env() == 0:
         hist = result["history"]
         if hist:
             first, last = hist[0], hist[-1]
@@ -98,19 +99,22 @@ def cmd_generate(args) -> int:
 def cmd_eval_griffin(args) -> int:
     from pretrain import eval_griffin
 
+    from parallel.distributed import rank_from_env
+
     rows = eval_griffin.run(args.checkpoint, args.data, num_docs=args.docs, prompt_len=args.prompt_len,
                             densities=args.densities, methods=args.methods, gen_tokens=args.gen_tokens,
                             batch=args.batch, out=args.out)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_from_env() == 0:
         print(eval_griffin.table(rows))
     return 0
 
 
 def cmd_export_ternary(args) -> int:
+    from parallel.distributed import rank_from_env
     from pretrain.export import export_ternary
 
     summary = export_ternary(args.checkpoint, args.out, overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_from_env() == 0:
         print(f"packed {summary['layers']} ternary layers ({summary['packed_bytes'] / 2**20:.2f} MiB of codes, "
               f"scales and norms per rank, TP={summary['tp']}) into {args.out}")
     return 0

@@ -59,13 +59,12 @@ def _step_of(tag: str) -> int:
 
 def read_latest(ckpt_dir: Path) -> Path | None:
     """The newest complete checkpoint under ckpt_dir, or None if there is none."""
-    pointer = ckpt_dir / LATEST
-    if not pointer.is_file():
+    tag = _pointed(ckpt_dir)
+    if tag is None:
         return None
-    tag = pointer.read_text().strip()
     path = ckpt_dir / tag
     if not (path / META).is_file():
-        raise CheckpointError(f"{pointer} names {tag}, but {path / META} is missing: the checkpoint "
+        raise CheckpointError(f"{ckpt_dir / LATEST} names {tag}, but {path / META} is missing: the checkpoint "
                               "folder was damaged after it was written")
     return path
 
@@ -82,20 +81,21 @@ def resolve_resume(setting: str, run_ckpt_dir: Path, *, verify: bool = True,
         return None
     if setting == "auto":
         return newest_complete(run_ckpt_dir, verify=verify, warn=warn)
-    path = Path(setting)
-    for candidate in (path, path / "checkpoints"):  # a run's checkpoints: the newest one that verifies
-        if not (candidate / META).is_file() and (candidate / LATEST).is_file():
-            return newest_complete(candidate, verify=verify, warn=warn)
-    path = find(setting, key="checkpoint.resume")
+    path = find(setting, key="checkpoint.resume", verify=verify, warn=warn)  # a run's: the newest that verifies
     if read_meta(path).get("format") == WEIGHTS:
         raise CheckpointError(f"checkpoint.resume={setting} is a weights-only folder (no optimizer state): "
                               "start from it with checkpoint.init_from instead")
-    problem = check_folder(path, verify=verify)  # named explicitly: no fallback
-    if problem == UNVERIFIED:
-        warn(f"warning: {path} has no {MANIFEST} (written before manifests existed): loading it unverified")
-    elif problem:
-        raise CheckpointError(f"checkpoint.resume={setting}: {problem}")
+    if (Path(setting) / META).is_file():  # one checkpoint named explicitly: verified, no fallback
+        problem = check_folder(path, verify=verify)
+        if problem == UNVERIFIED:
+            warn(_unverified(path))
+        elif problem:
+            raise CheckpointError(f"checkpoint.resume={setting}: {problem}")
     return path
+
+
+def _unverified(path: Path) -> str:
+    return f"warning: {path} has no {MANIFEST} (written before manifests existed): loading it unverified"
 
 
 UNVERIFIED = "unverified"  # check_folder's answer for a pre-manifest checkpoint
@@ -134,10 +134,9 @@ def newest_complete(ckpt_dir: Path, *, verify: bool = True, warn: Callable[[str]
     """The checkpoint to resume from: the one `latest` names if it verifies, else the newest older
     complete one that does (with a warning naming what failed). None if there are no checkpoints;
     CheckpointError (nothing deleted) if there are some but none verifies."""
-    pointer = ckpt_dir / LATEST
-    if not pointer.is_file():
+    newest = _pointed(ckpt_dir)
+    if newest is None:
         return None
-    newest = pointer.read_text().strip()
     older = [p.name for p in ckpt_dir.glob("step_*") if p.is_dir() and p.name.removeprefix("step_").isdigit()]
     if newest.removeprefix("step_").isdigit():  # folders newer than `latest` are unfinished saves
         older = [t for t in older if _step_of(t) < _step_of(newest)]
@@ -147,7 +146,7 @@ def newest_complete(ckpt_dir: Path, *, verify: bool = True, warn: Callable[[str]
         path = ckpt_dir / tag
         problem = check_folder(path, verify=verify)
         if problem == UNVERIFIED:
-            warn(f"warning: {path} has no {MANIFEST} (written before manifests existed): loading it unverified")
+            warn(_unverified(path))
             return path
         if problem is None:
             if problems:
@@ -168,16 +167,18 @@ def fallback_horizon(ckpt_dir: Path, resumed: Path | None) -> int:
     return _step_of(pointed)
 
 
-def find(setting: str | Path, key: str | None = None) -> Path:
+def find(setting: str | Path, key: str | None = None, *, verify: bool = False,
+         warn: Callable[[str], None] = print) -> Path:
     """A checkpoint folder (a step_* or weights-only folder), a run's checkpoints folder or a run dir
-    (its latest complete checkpoint) -> the checkpoint folder: what resume, init_from, generate, export
+    (its newest complete checkpoint that passes its manifest: `newest_complete`; `verify` adds the
+    checksums to the size check) -> the checkpoint folder: what resume, init_from, generate, export
     take. `key`: the config key that named it, for the error."""
     path = Path(setting)
     for candidate in (path, path / "checkpoints"):
         if (candidate / META).is_file():
             return candidate
         if (candidate / LATEST).is_file():
-            return read_latest(candidate)
+            return newest_complete(candidate, verify=verify, warn=warn)
     raise CheckpointError(f"{f'{key}=' if key else ''}{setting}: no checkpoint there (expected a folder "
                           f"holding {META}, a run's checkpoints folder or a run dir)")
 

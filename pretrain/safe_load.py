@@ -36,13 +36,15 @@ def safe_load(file, map_location=None):
 
 
 @contextlib.contextmanager
-def safe_torch_load():
-    """For DeepSpeed code that calls torch.load(weights_only=False) itself (zero_to_fp32): every
-    torch.load in the block is a safe one."""
+def safe_torch_load(transform=None):
+    """For DeepSpeed code that calls torch.load(weights_only=False) itself (zero_to_fp32, the
+    universal-checkpoint converter): every torch.load in the block is a safe one. `transform`, if
+    given, is applied to what each load returns (the caller's view of the files; they are unchanged)."""
     def load(file, *args, **kwargs):
         kwargs["weights_only"] = True
         with torch.serialization.safe_globals(_safe_globals()):
-            return _torch_load(file, *args, **kwargs)
+            out = _torch_load(file, *args, **kwargs)
+        return transform(out) if transform is not None else out
 
     torch.load = load
     try:

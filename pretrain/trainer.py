@@ -91,7 +91,7 @@ def _memory_gib() -> float:
 class Trainer:
     SHOWN = ("loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "mem_gib", "val_loss")  # on the console
     def __init__(self, cfg: RunConfig):
-        from parallel.distributed import world_size_from_env
+        from parallel.distributed import rank_from_env, world_size_from_env
 
         # 1. everything that can be checked without process groups
         self.dp_size = check_layout(cfg, world_size_from_env())
@@ -100,7 +100,7 @@ class Trainer:
         self.cfg = cfg = resolve_model(cfg, self.data)
         self.run_dir = Path(cfg.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        rank0 = int(os.environ.get("RANK", "0")) == 0  # (no process group yet)
+        rank0 = rank_from_env() == 0  # (no process group yet)
         self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, self.ckpt_dir, verify=cfg.checkpoint.verify,
                                                warn=lambda msg: rank0 and print(msg, flush=True))
         # a checkpoint we fell back to (the newest failed verification) is kept until the run saves past
@@ -251,11 +251,11 @@ class Trainer:
         # Over the whole world: TP ranks hold replicas of their replica's loss, so sum / world is the
         # mean over data-parallel replicas, and every rank takes the same decision.
         # The third entry: did any rank receive a stop signal (the same decision everywhere, no extra sync).
-        stats = torch.stack([local.mean(), (~torch.isfinite(local)).sum().to(local.dtype),
-                             torch.tensor(float(self.stop_signals.received is not None), dtype=local.dtype, device=local.device)])
+        stop = torch.tensor(float(self.stop_signals.received is not None), dtype=local.dtype, device=local.device)
+        stats = torch.stack([local.mean(), (~torch.isfinite(local)).sum().to(local.dtype), stop])
         dist.all_reduce(stats)
-        loss, bad = stats[0].item() / self.layout.world_size, stats[1].item()
-        self.stop_agreed = stats[2].item() > 0
+        total, bad, stop = stats.tolist()  # one device-to-host transfer
+        loss, self.stop_agreed = total / self.layout.world_size, stop > 0
         if bad:
             zero.skip_step(engine)
             engine.lr_scheduler.step()  # the schedule follows the step counter, applied or not
@@ -398,12 +398,9 @@ class Trainer:
                 self.tracker.log_metrics(metrics, step=self.step)
                 self.progress.update(self.step, {k: v for k, v in metrics.items() if k in self.SHOWN})
                 every = cfg.checkpoint.every
-                if self.step == t.steps or (every and self.step % every == 0):
+                if self.step == t.steps or (every and self.step % every == 0) or self.stop_agreed:
                     self.save()
-                    if self.stop_agreed and self.step < t.steps:
-                        break
-                elif self.stop_agreed:
-                    self.save()
+                if self.stop_agreed and self.step < t.steps:
                     break
             if self.stop_agreed and self.step < t.steps:
                 status = "KILLED"

@@ -47,11 +47,9 @@ def to_universal(path: Path, *, workers: int = 1) -> Path:
                               inject_missing_state=True)  # Frugal's TP=1 models need no merge patterns
     log = io.StringIO()
     try:
-        with safe_torch_load(), contextlib.redirect_stdout(log):
-            # the converter turns every module entry into an fp32 tensor, megatron's None
-            # `_extra_state` entries included (AttributeError): it reads the module without them
-            safe = torch.load
-            torch.load = lambda *a, **kw: _tensors_only_module(safe(*a, **kw))
+        # the converter turns every module entry into an fp32 tensor, megatron's None `_extra_state`
+        # entries included (AttributeError): it reads the module without them
+        with safe_torch_load(transform=_tensors_only_module), contextlib.redirect_stdout(log):
             ds_to_universal.main(args)
     except pickle.UnpicklingError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 NODES = ("node1", "node2")
 
 
@@ -35,30 +34,18 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _have_slurm() -> bool:
-    return all(shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin") for t in
-               ("slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "munged"))
-
-
 def _ensure_packages() -> str | None:
-    """None when Slurm and munge are available and usable, else why they are not."""
+    """None when Slurm and munge are available (installed here if missing, by the script .ci/run
+    uses too), else why they are not."""
     if os.geteuid() != 0:  # munged runs as the munge user, the daemons and jobs as root
         return "a throwaway Slurm cluster needs root (to install Slurm/munge and start their daemons)"
-    if _have_slurm():
-        return None
-    if not shutil.which("apt-get"):
-        return "Slurm/munge are not installed and there is no apt-get to install them"
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]
     try:
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        if res.returncode != 0:  # stale package lists: refresh once and retry
-            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=300)
-            res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        res = subprocess.run(["bash", str(Path(__file__).with_name("install_slurm.sh"))], capture_output=True,
+                             text=True, timeout=600)
     except subprocess.TimeoutExpired:
         return "installing Slurm/munge with apt-get timed out"
-    if res.returncode != 0 or not _have_slurm():
-        return f"could not install Slurm/munge with apt-get: {(res.stderr or res.stdout)[-500:]}"
+    if res.returncode != 0:
+        return f"could not install Slurm/munge: {(res.stderr or res.stdout)[-500:]}"
     return None
 
 
