@@ -33,7 +33,7 @@ def round_robin_index(n_units: int, tp_size: int, tp_rank: int) -> torch.Tensor:
     return torch.arange(tp_rank, n_units, tp_size, dtype=torch.long)
 
 
-def _layout(param_like) -> tuple[bool, int, int | None]:
+def layout_of(param_like) -> tuple[bool, int, int | None]:
     """(sharded?, partition dim, unit size or None for megatron's contiguous split)."""
     if not getattr(param_like, "tensor_model_parallel", False):
         return False, 0, None
@@ -75,7 +75,7 @@ def _join(shards: list[torch.Tensor], dim: int, unit: int | None) -> torch.Tenso
 def shard(logical: torch.Tensor, param_like, tp_rank: int, tp_size: int) -> torch.Tensor:
     """This rank's shard of a logical (TP=1) tensor laid out like `param_like`: round-robin in units
     of `elastic_unit`, megatron's contiguous split without one, the whole tensor if replicated."""
-    sharded, dim, unit = _layout(param_like)
+    sharded, dim, unit = layout_of(param_like)
     if not sharded or tp_size == 1:
         return logical
     return _split(logical, dim, unit, tp_rank, tp_size)
@@ -83,7 +83,7 @@ def shard(logical: torch.Tensor, param_like, tp_rank: int, tp_size: int) -> torc
 
 def unshard(shards: list[torch.Tensor], param_like) -> torch.Tensor:
     """The logical tensor from every rank's shard (in rank order); inverse of `shard`."""
-    sharded, dim, unit = _layout(param_like)
+    sharded, dim, unit = layout_of(param_like)
     if not sharded or len(shards) == 1:
         return shards[0]
     return _join(shards, dim, unit)
@@ -105,7 +105,7 @@ def deal_round_robin(model: torch.nn.Module) -> None:
     # NCCL gathers device tensors only; the model may still be on the CPU right after building
     comm = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     for _, param in sorted(model.named_parameters()):  # the same order on every rank
-        sharded, dim, unit = _layout(param)
+        sharded, dim, unit = layout_of(param)
         if not sharded or unit is None:
             continue
         local = param.data.to(comm).contiguous()
@@ -115,7 +115,7 @@ def deal_round_robin(model: torch.nn.Module) -> None:
         param.data.copy_(_split(logical, dim, unit, tp_rank, tp_size).to(param.device))
 
 
-def _logical_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
+def logical_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
         shape[param.partition_dim] *= tp_size
@@ -141,7 +141,7 @@ def logical_state_dict(shards: list[dict[str, Any]], model: torch.nn.Module, *,
         missing = [r for r, s in enumerate(shards) if name not in s]
         if missing:
             raise ValueError(f"{name}: absent from the checkpoint shard(s) of tensor-parallel rank(s) {missing}")
-        sharded, dim, unit = _layout(param)
+        sharded, dim, unit = layout_of(param)
         if not sharded:
             out[name] = value
             continue
@@ -163,10 +163,10 @@ def local_state_dict(logical: dict[str, Any], model: torch.nn.Module, tp_rank: i
         if param is None:
             out[name] = value
             continue
-        expected = _logical_shape(param, tp_size)
+        expected = logical_shape(param, tp_size)
         if tuple(value.shape) != expected:
             raise ValueError(f"{name}: the checkpoint has shape {tuple(value.shape)}, the model {expected} "
                              "(full, unsharded shapes)")
-        sharded, dim, unit = _layout(param)
+        sharded, dim, unit = layout_of(param)
         out[name] = _split(value, dim, unit, tp_rank, tp_size) if sharded and tp_size > 1 else value
     return out

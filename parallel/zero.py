@@ -68,7 +68,12 @@ def engine_config(*, micro_batch: int, grad_accum: int, zero_stage: int, bf16: b
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler, config: dict):
     import deepspeed
 
+    from parallel.universal_layout import describe
+
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # each parameter's TP layout, for universal checkpoints (resume at another TP or DP size); before
+    # initialize, which under ZeRO-3 swaps every parameter's data for its partition
+    describe(model, ps.get_tensor_model_parallel_world_size())
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config,
         mpu=MegatronMPU(), dist_init_required=False,

@@ -18,14 +18,15 @@ Resuming verifies the manifest (files present, sizes, checksums) and falls back 
 complete checkpoint, with a warning, when the newest one fails. Older complete checkpoints beyond
 `keep_last` are deleted after a save, never the one just written nor the one a run fell back to.
 
-Resuming at another data-parallel size under ZeRO >= 1 loads a DeepSpeed universal conversion of
-the checkpoint, made once and cached in it (pretrain/universal.py).
+Resuming at another data-parallel or tensor-parallel size under ZeRO >= 1 loads a DeepSpeed universal
+conversion of the checkpoint, made once and cached in it (pretrain/universal.py).
 
 Loading never runs pickled code: every torch.load is weights_only=True, with an allow-list of the
 few plain classes DeepSpeed's optimizer files and the RNG files hold (pretrain/safe_load.py).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -194,13 +195,15 @@ def check_compatible(meta: dict[str, Any], model_cfg: dict[str, Any], parallel_c
                      path: Path) -> None:
     """Refuse a checkpoint of another architecture or shape, naming every differing field."""
     check_model(meta, model_cfg, path)
-    saved_tp = meta["config"]["parallel"]["tensor"]
-    if saved_tp != parallel_cfg["tensor"]:
+    saved_tp, stage = meta["config"]["parallel"]["tensor"], meta["config"]["parallel"]["zero_stage"]
+    if saved_tp != parallel_cfg["tensor"] and stage == 0:
         raise CheckpointError(
             f"checkpoint {path} has parallel.tensor={saved_tp} shards, this run uses "
-            f"parallel.tensor={parallel_cfg['tensor']}; resume with the same tensor-parallel size")
-    # a different data-parallel size is fine: ZeRO shards are re-cut through a universal checkpoint
-    # (needs_universal, load), ZeRO-0's optimizer state is not sharded at all
+            f"parallel.tensor={parallel_cfg['tensor']}: a ZeRO-0 checkpoint resumes only at the same "
+            "tensor-parallel size (another TP size goes through a universal checkpoint, which needs "
+            "parallel.zero_stage >= 1 when the checkpoint is written)")
+    # another data-parallel size (any stage), or tensor-parallel size (ZeRO >= 1): the shards are
+    # re-cut through a universal checkpoint (pretrain/universal.py); ZeRO-0's optimizer state is whole
 
 
 def check_model(meta: dict[str, Any], model_cfg: dict[str, Any], path: Path, ignore: tuple[str, ...] = ()) -> None:
@@ -320,6 +323,7 @@ def load(engine, path: Path, *, rank: int, universal: bool = False) -> dict[str,
     """Load shards + this rank's RNG state; returns the Frugal metadata. Collective when `universal`
     (the checkpoint was written at another data-parallel size under ZeRO >= 1): rank 0 converts it
     (to_universal, cached), the others wait, then every rank loads the universal folder."""
+    from parallel.universal_layout import universal_loading
     from pretrain import universal as universal_ckpt
 
     load_dir, tag = path.parent, path.name
@@ -328,7 +332,8 @@ def load(engine, path: Path, *, rank: int, universal: bool = False) -> dict[str,
     config = engine._config
     config.load_universal_checkpoint = universal  # read by load_checkpoint only: set for this load
     try:
-        with safe_engine_loads(engine), safe_torch_load():  # universal loading calls torch.load itself
+        # universal loading calls torch.load itself
+        with safe_engine_loads(engine), safe_torch_load(), universal_loading() if universal else contextlib.nullcontext():
             load_path, client = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                        load_lr_scheduler_states=True)
         rng_file = path / f"rng_rank{rank:05d}.pt"

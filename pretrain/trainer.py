@@ -164,8 +164,8 @@ class Trainer:
         self.stop_agreed = False  # some rank received one: stop after this step
         run_id = None  # the MLflow run a resumed job appends to
         if self.resume_from is not None:
-            # written at another data-parallel size under ZeRO >= 1: through a universal checkpoint
-            universal = needs_universal(ckpt.read_meta(self.resume_from), self.dp_size)
+            # written at another data- or tensor-parallel size under ZeRO >= 1: through a universal checkpoint
+            universal = needs_universal(ckpt.read_meta(self.resume_from), self.dp_size, self.layout.tp_size)
             meta = ckpt.load(self.engine, self.resume_from, rank=self.layout.rank, universal=universal)
             self.step = meta["step"]
             self.skipped_steps = meta.get("skipped_steps", 0)

@@ -1,13 +1,16 @@
-"""Resuming at another data-parallel size: DeepSpeed's universal checkpoint.
+"""Resuming at another data- or tensor-parallel size: DeepSpeed's universal checkpoint.
 
-Under ZeRO >= 1 the optimizer state is cut into one shard per data-parallel rank, so a checkpoint
-written at DP = 2 cannot be loaded shard for shard at DP = 1 (or 4). DeepSpeed's converter
-(`ds_to_universal`) rewrites it per parameter, independent of the DP size; its universal loading then
-re-cuts it for the current ranks. Rank 0 converts once, with the other ranks waiting, into
+Under ZeRO >= 1 the optimizer state is cut into one shard per data-parallel rank, and every weight
+and optimizer moment into one shard per tensor-parallel rank, so a checkpoint written at DP = 2 or
+TP = 2 cannot be loaded file for file at another layout. DeepSpeed's converter (`ds_to_universal`)
+rewrites it per parameter as the full logical tensor, independent of both sizes (each parameter's TP
+layout comes with the checkpoint: parallel/universal_layout.py); its universal loading then re-cuts
+it for the current ranks. Rank 0 converts once, with the other ranks waiting, into
 `<step folder>/universal/` (built as `universal.partial`, then renamed: complete whenever it exists,
 reused by later resumes). The cache is a sub-folder of its checkpoint: the manifest (top-level files)
-does not list it and pruning deletes it with the checkpoint. ZeRO-0 needs none of this (its optimizer
-state is whole). Tensor- and pipeline-parallel size changes are not handled here.
+does not list it and pruning deletes it with the checkpoint. ZeRO-0 needs none of this for a DP
+change (its optimizer state is whole) and cannot change TP (checkpoint.check_compatible refuses it).
+Pipeline-parallel size changes are not handled here.
 """
 from __future__ import annotations
 
@@ -40,11 +43,12 @@ def to_universal(path: Path, *, workers: int = 1) -> Path:
     out = path / UNIVERSAL
     if out.is_dir():
         return out
+    _check_layouts(path)
     tmp = path / (UNIVERSAL + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     args = argparse.Namespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=workers,
                               num_merge_workers=workers, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)  # Frugal's TP=1 models need no merge patterns
+                              inject_missing_state=True)  # older TP=1 checkpoints: nothing to join
     log = io.StringIO()
     try:
         # the converter turns every module entry into an fp32 tensor, megatron's None `_extra_state`
@@ -64,16 +68,35 @@ def to_universal(path: Path, *, workers: int = 1) -> Path:
     return out
 
 
+def _check_layouts(path: Path) -> None:
+    """Refuse a checkpoint whose TP shards the converter could not join: written at TP > 1 without the
+    layout maps (before Frugal wrote them)."""
+    from parallel.universal_layout import has_layouts
+
+    from pretrain.checkpoint import read_meta
+
+    saved_tp = read_meta(path)["config"]["parallel"]["tensor"]
+    if saved_tp == 1:
+        return
+    # TP rank 0's model states (ZeRO-3 names them per DP rank: any of them will do)
+    states = sorted(path.glob("*mp_rank_00_model_states.pt"))
+    if not states or not has_layouts(safe_load(states[0], map_location="cpu")):
+        raise CheckpointError(f"{path} was written at parallel.tensor={saved_tp} without its parameters' "
+                              "tensor-parallel layouts (an older Frugal): resume it at the same data- "
+                              "and tensor-parallel sizes")
+
+
 def _tensors_only_module(state):
     if isinstance(state, dict) and isinstance(state.get("module"), dict):
         state = {**state, "module": {k: v for k, v in state["module"].items() if isinstance(v, torch.Tensor)}}
     return state
 
 
-def needs_universal(meta: dict[str, Any], dp_size: int) -> bool:
-    """Whether resuming from a checkpoint with this metadata at `dp_size` data-parallel ranks needs the
-    universal-checkpoint path: its optimizer state is cut into ZeRO shards for another DP size."""
-    return meta["config"]["parallel"]["zero_stage"] > 0 and meta["dp_size"] != dp_size
+def needs_universal(meta: dict[str, Any], dp_size: int, tp_size: int) -> bool:
+    """Whether resuming from a checkpoint with this metadata at `dp_size` x `tp_size` ranks needs the
+    universal-checkpoint path: its state is cut into ZeRO shards for another DP or TP size."""
+    parallel = meta["config"]["parallel"]
+    return parallel["zero_stage"] > 0 and (meta["dp_size"] != dp_size or parallel["tensor"] != tp_size)
 
 
 def convert_collectively(path: Path, *, rank: int) -> tuple[Path, str]:

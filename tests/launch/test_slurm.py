@@ -61,11 +61,13 @@ def test_preemption_signal_saves_requeues_and_resumes(slurm_cluster, tiny_data, 
     import time
 
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    steps = 100
+    steps = 150
     over = tiny_overrides(tiny_data, run_dir, **{"tracking.enabled": "false", "training.steps": steps,
                                                   "checkpoint.every": steps, "training.eval_every": steps})
+    # 0.1 s per step: the signal must land before the run's end (a bare tiny run takes ~5 s, and a busy
+    # CI machine can be that late with the scancel)
     env = slurm_cluster.env(subprocess_env(1, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-                                           OMP_NUM_THREADS="1"))
+                                           OMP_NUM_THREADS="1", FRUGAL_TEST_STEP_DELAY="0.1"))
     res = run(["sbatch", "--parsable", "--nodes=2", f"--output={log}", SCRIPT, TINY_CONFIG, *over],
               env=env, timeout=60)
     assert res.returncode == 0, res.stdout
@@ -73,7 +75,8 @@ def test_preemption_signal_saves_requeues_and_resumes(slurm_cluster, tiny_data, 
 
     def state() -> str:
         info = slurm_cluster.cmd("scontrol", "show", "job", job).stdout
-        return re.search(r"JobState=(\w+)", info).group(1)
+        found = re.search(r"JobState=(\w+)", info)
+        return found.group(1) if found else "UNKNOWN"
 
     deadline = time.time() + 240
     while "step 3/" not in (log.read_text() if log.exists() else ""):
@@ -82,10 +85,12 @@ def test_preemption_signal_saves_requeues_and_resumes(slurm_cluster, tiny_data, 
     assert slurm_cluster.cmd("scancel", "--batch", "--signal=USR1", job).returncode == 0
     released = False
     while "restart 1" not in log.read_text() or state() not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        assert "restart 1" in log.read_text() or "training finished" not in log.read_text(), \
+            f"the run ended before the signal reached it:\n{log.read_text()[-3000:]}"
         if not released and "requeueing job" in log.read_text() and state() == "PENDING":
             # Slurm holds a requeued job back for a couple of minutes (its BeginTime); skip that wait
             released = slurm_cluster.cmd("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
-        assert time.time() < deadline + 240, f"{state()}\n{log.read_text()[-4000:]}"
+        assert time.time() < deadline + 240, f"{state()}\n{log.read_text()[-4000:]}\n{slurm_cluster.logs()}"
         time.sleep(0.5)
     text = log.read_text()
     assert state() == "COMPLETED", text[-4000:]

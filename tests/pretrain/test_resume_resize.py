@@ -1,11 +1,13 @@
-"""Resume a ZeRO run at another data-parallel size, through DeepSpeed's universal checkpoint: the
-losses, grad norms and learning rates continue as an uninterrupted run's on the same global batches,
-no sample is repeated or skipped, the conversion is cached beside the checkpoint (outside its
-manifest, pruned with it), and a tensor-parallel change is still refused clearly."""
+"""Resume a ZeRO run at another data- or tensor-parallel size, through DeepSpeed's universal checkpoint:
+the losses, grad norms and learning rates continue as an uninterrupted run's on the same global
+batches, no sample is repeated or skipped, the conversion is cached beside the checkpoint (outside its
+manifest, pruned with it). TP changes cover megatron's contiguous shards, replicated norms and a
+Flextron model's round-robin units; a ZeRO-0 TP change and an undescribed TP>1 checkpoint are refused."""
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from pretrain import checkpoint as ckpt
 from pretrain import universal
@@ -16,11 +18,11 @@ WORKER = Path(__file__).with_name("resize_worker.py")
 N, M = 3, 3  # steps before / after the change (resize_worker.py)
 
 
-def check(out: Path, stages: str, saved_dp: int, resumed_dp: int, stdout: str) -> None:
+def check(out: Path, stages: str, saved_dp: int, resumed_dp: int, stdout: str, tp: tuple[int, int] = (1, 1)) -> None:
     save, resume = json.loads((out / "save.json").read_text()), json.loads((out / "resume.json").read_text())
     for stage in stages.split(","):
         s, r = save[stage], resume[stage]
-        assert (s["dp"], r["dp"]) == (saved_dp, resumed_dp)
+        assert (s["dp"], r["dp"]) == (saved_dp, resumed_dp) and (s["tp"], r["tp"]) == tp
         ref = r["reference"]
         assert len(s["losses"]) + len(r["resumed"]) == len(ref) == N + M
         for i, (got, want) in enumerate(zip(s["losses"] + r["resumed"], ref)):
@@ -28,6 +30,7 @@ def check(out: Path, stages: str, saved_dp: int, resumed_dp: int, stdout: str) -
             assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), (stage, i)
             assert got["lr"] == want["lr"], (stage, i)
         assert r["again"][0]["loss"] == pytest.approx(ref[N]["loss"], rel=1e-5), stage
+        assert r["weights_gap"] < 1e-5, (stage, r["weights_gap"])  # every unit back in its place
         # the data: no sample twice; with the rest of the epoch, exactly a fresh loader's epoch
         assert r["repeated"] == 0 and r["epoch_matches"], stage
         assert r["samples_consumed"] == (N + M) * 8
@@ -53,6 +56,19 @@ def test_resume_zero1_dp1_as_dp2(tiny_data, tmp_path):
     check(tmp_path, "1", 1, 2, res.stdout)
 
 
+def test_resume_zero123_tp2_as_tp1_dp2_elastic(tiny_data, tmp_path):
+    """TP 2 x DP 1 -> TP 1 x DP 2 at once, for a Flextron model (round-robin units, a replicated router)."""
+    worker(WORKER, str(tiny_data), str(tmp_path), "1,2,3", "save", "2", "elastic", nproc=2, timeout=300)
+    res = worker(WORKER, str(tiny_data), str(tmp_path), "1,2,3", "resume", "1", "elastic", nproc=2, timeout=400)
+    check(tmp_path, "1,2,3", 1, 2, res.stdout, tp=(2, 1))
+
+
+def test_resume_zero1_tp1_as_tp2(tiny_data, tmp_path):
+    worker(WORKER, str(tiny_data), str(tmp_path), "1", "save", "1", nproc=1, timeout=300)
+    res = worker(WORKER, str(tiny_data), str(tmp_path), "1", "resume", "2", nproc=2, timeout=300)
+    check(tmp_path, "1", 1, 1, res.stdout, tp=(1, 2))
+
+
 def _meta(tp: int, dp: int, stage: int) -> dict:
     return {"dp_size": dp, "config": {"model": {"d_model": 32}, "parallel": {"tensor": tp, "zero_stage": stage}}}
 
@@ -63,12 +79,29 @@ def test_which_resumes_convert():
     for stage in (0, 1, 2, 3):
         ckpt.check_compatible(_meta(1, 2, stage), model, {"tensor": 1, "zero_stage": stage, "dp_size": 1}, Path("c"))
     # ... and goes through a universal checkpoint only when the optimizer state is cut into ZeRO shards
-    assert not universal.needs_universal(_meta(1, 2, 0), 1)  # ZeRO-0: the state is whole in every file
-    assert not universal.needs_universal(_meta(1, 2, 1), 2)
-    assert all(universal.needs_universal(_meta(1, 2, s), 1) for s in (1, 2, 3))
-    # a tensor-parallel change is still refused, clearly
-    with pytest.raises(CheckpointError, match="parallel.tensor=2 shards.*same tensor-parallel size"):
-        ckpt.check_compatible(_meta(2, 1, 1), model, {"tensor": 1, "zero_stage": 1, "dp_size": 1}, Path("c"))
+    assert not universal.needs_universal(_meta(1, 2, 0), 1, 1)  # ZeRO-0: the state is whole in every file
+    assert not universal.needs_universal(_meta(1, 2, 1), 2, 1)
+    assert all(universal.needs_universal(_meta(1, 2, s), 1, 1) for s in (1, 2, 3))
+    # a TP change under ZeRO >= 1 converts too (any DP size) ...
+    ckpt.check_compatible(_meta(2, 1, 1), model, {"tensor": 1, "zero_stage": 1, "dp_size": 1}, Path("c"))
+    assert all(universal.needs_universal(_meta(2, 1, s), 1, 1) for s in (1, 2, 3))
+    # ... under ZeRO-0 it is refused, clearly
+    with pytest.raises(CheckpointError, match="parallel.tensor=2 shards.*ZeRO-0 checkpoint resumes only at the same"):
+        ckpt.check_compatible(_meta(2, 1, 0), model, {"tensor": 1, "zero_stage": 0, "dp_size": 1}, Path("c"))
+
+
+def test_undescribed_tp_checkpoint_is_refused(tmp_path):
+    """A TP=2 checkpoint without the layout maps (written before them): the converter would join its
+    shards wrongly, so it is refused before converting, naming the problem, and nothing is written."""
+    path = tmp_path / ckpt.tag_for(3)
+    path.mkdir()
+    (path / ckpt.META).write_text(json.dumps({"step": 3, "dp_size": 1, "config": {"parallel": {"tensor": 2}}}))
+    for r in (0, 1):
+        torch.save({"module": {"w": torch.ones(2)}}, path / ckpt.model_file(r))
+    before = sorted(p.name for p in path.iterdir())
+    with pytest.raises(CheckpointError, match="parallel.tensor=2 without its parameters' tensor-parallel layouts"):
+        universal.to_universal(path)
+    assert sorted(p.name for p in path.iterdir()) == before
 
 
 def test_pruning_deletes_the_universal_cache(tmp_path):
