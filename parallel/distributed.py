@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class Layout:
-    """Where this process sits in the (tensor x data) grid."""
+    """Where this process sits in the (tensor x data x pipeline) grid."""
 
     rank: int
     world_size: int
@@ -27,6 +27,8 @@ class Layout:
     dp_size: int
     dp_rank: int
     device: torch.device
+    pp_size: int = 1
+    pp_rank: int = 0
 
     @property
     def is_rank0(self) -> bool:
@@ -48,7 +50,7 @@ def rank_from_env() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def init_distributed(tensor_parallel: int = 1, *, timeout_s: float = 600.0) -> Layout:
+def init_distributed(tensor_parallel: int = 1, *, pipeline_parallel: int = 1, timeout_s: float = 600.0) -> Layout:
     """Initialize torch.distributed and megatron-core's parallel_state; idempotent."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python -m ...`: a world of one
@@ -69,9 +71,11 @@ def init_distributed(tensor_parallel: int = 1, *, timeout_s: float = 600.0) -> L
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
-    elif ps.get_tensor_model_parallel_world_size() != tensor_parallel:
-        raise RuntimeError("parallel_state already initialized with another tensor-parallel size")
+        ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                     pipeline_model_parallel_size=pipeline_parallel)
+    elif (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != \
+            (tensor_parallel, pipeline_parallel):
+        raise RuntimeError("parallel_state already initialized with another tensor- or pipeline-parallel size")
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -84,6 +88,8 @@ def init_distributed(tensor_parallel: int = 1, *, timeout_s: float = 600.0) -> L
         dp_size=ps.get_data_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(),
         device=device,
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
     )
 
 

@@ -45,11 +45,12 @@ class MegatronMPU:
         return torch.distributed.get_process_group_ranks(ps.get_data_parallel_group())
 
 
-def engine_config(*, micro_batch: int, grad_accum: int, zero_stage: int, bf16: bool, grad_clip: float) -> dict[str, Any]:
+def engine_config(*, micro_batch: int, grad_accum: int, zero_stage: int, bf16: bool, grad_clip: float,
+                  pipeline: bool = False) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage in (1, 2):
         zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip,
@@ -63,6 +64,13 @@ def engine_config(*, micro_batch: int, grad_accum: int, zero_stage: int, bf16: b
         # decides on skipping a non-finite step before DeepSpeed's boundary logic would run)
         "managed_gradient_accumulation": False,
     }
+    if pipeline:
+        # train_batch runs the micro-batches and the step itself, with DeepSpeed's accumulation
+        config["managed_gradient_accumulation"] = True
+        # the boundary tuple holds several tensors that need gradients: DeepSpeed's partitioning of
+        # activations over TP ranks handles one only, so each TP rank sends its (replicated) copy
+        config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
+    return config
 
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler, config: dict):
@@ -74,9 +82,12 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_sche
     # each parameter's TP layout, for universal checkpoints (resume at another TP or DP size); before
     # initialize, which under ZeRO-3 swaps every parameter's data for its partition
     describe(model, ps.get_tensor_model_parallel_world_size())
+    from deepspeed.pipe import PipelineModule
+
+    # a PipelineModule brings its own grid (parallel/pipeline.py checks it equals megatron-core's)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config,
-        mpu=MegatronMPU(), dist_init_required=False,
+        mpu=None if isinstance(model, PipelineModule) else MegatronMPU(), dist_init_required=False,
     )
     if config["zero_optimization"]["stage"] == 3 and hasattr(model, "external_parameters"):
         # ZeRO-3 gathers a partitioned parameter only around the module that owns it; a module

@@ -196,6 +196,15 @@ def check_compatible(meta: dict[str, Any], model_cfg: dict[str, Any], parallel_c
     """Refuse a checkpoint of another architecture or shape, naming every differing field."""
     check_model(meta, model_cfg, path)
     saved_tp, stage = meta["config"]["parallel"]["tensor"], meta["config"]["parallel"]["zero_stage"]
+    saved_pp, pp = meta["config"]["parallel"].get("pipeline", 1), parallel_cfg.get("pipeline", 1)
+    if saved_pp != pp:
+        raise CheckpointError(f"checkpoint {path} was written at parallel.pipeline={saved_pp}, this run uses "
+                              f"parallel.pipeline={pp}; resume with the same pipeline-parallel size")
+    if pp > 1 and (saved_tp, meta["dp_size"]) != (parallel_cfg["tensor"], parallel_cfg["dp_size"]):
+        raise CheckpointError(
+            f"checkpoint {path} was written at parallel.tensor={saved_tp} x {meta['dp_size']} data-parallel "
+            f"ranks, this run uses {parallel_cfg['tensor']} x {parallel_cfg['dp_size']}: under pipeline "
+            "parallelism a resume keeps the whole layout")
     if saved_tp != parallel_cfg["tensor"] and stage == 0:
         raise CheckpointError(
             f"checkpoint {path} has parallel.tensor={saved_tp} shards, this run uses "
@@ -412,6 +421,8 @@ def load_weights(path: Path, model) -> dict[str, Any]:
                 shards = [get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)]
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"{path}: refusing to load a checkpoint file that holds more than data: {e}") from None
+    elif config["parallel"].get("pipeline", 1) > 1 and meta.get("format") != WEIGHTS:
+        shards = [_read_stages(path, r) for r in range(saved_tp)]  # the stages' layer files, merged
     else:
         # never unpickling code: DeepSpeed's per-rank module files hold tensors and plain data
         shards = [_read_module(path / model_file(r), saved_tp) for r in range(saved_tp)]
@@ -439,6 +450,26 @@ def _read_module(file: Path, saved_tp: int) -> dict[str, Any]:
         return safe_load(file, map_location="cpu")["module"]
     except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"cannot read the module weights in {file}: {e!r}") from None
+
+
+def _read_stages(path: Path, tp_rank: int) -> dict[str, Any]:
+    """One TP rank's module state from a pipeline-parallel checkpoint: DeepSpeed writes each layer of
+    the flat list on its own (`layer_XX-model_YY-model_states.pt`, keys of pretrain/pipeline.py's
+    StageLayer: `layer.<name>`), which is the network's `layers.XX.<name>`. A tied head has no file
+    (its weight is the embedding's, layer 00)."""
+    files = sorted(path.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{path}: no layer files of tensor-parallel rank {tp_rank} (a pipeline-parallel "
+                              "checkpoint holds layer_XX-model_YY-model_states.pt)")
+    out = {}
+    for f in files:
+        idx = int(f.name.split("-")[0].removeprefix("layer_"))
+        try:
+            state = safe_load(f, map_location="cpu")
+        except (OSError, EOFError, RuntimeError, TypeError, pickle.UnpicklingError) as e:
+            raise CheckpointError(f"cannot read the layer weights in {f}: {e!r}") from None
+        out.update({f"layers.{idx}.{k.removeprefix('layer.')}": v for k, v in state.items()})
+    return out
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -119,7 +119,10 @@ class ModelConfig(Section):
 
 class ParallelConfig(Section):
     tensor: int = 1  # tensor-parallel size (megatron-core TP linears)
-    pipeline: int = 1  # pipeline-parallel size (only 1 until the pipeline engine lands)
+    pipeline: int = 1  # pipeline-parallel stages (DeepSpeed's pipeline engine; ZeRO 0/1 only)
+    # how the layer list is cut into stages: balance the estimated FLOPs (a block inside SUBLLM levels
+    # costs less), the layer count, or the parameter count
+    pipeline_partition: Literal["cost", "uniform", "parameters"] = "cost"
     zero_stage: Literal[0, 1, 2, 3] = 1  # DeepSpeed ZeRO stage over the data-parallel group
 
     @field_validator("tensor", "pipeline")
@@ -337,8 +340,19 @@ def check_layout(cfg: RunConfig, world_size: int) -> int:
     Returns the data-parallel size.
     """
     p, m, t = cfg.parallel, cfg.model, cfg.training
-    if p.pipeline != 1:
-        raise ConfigError("parallel.pipeline: pipeline parallelism is not available yet (use 1)")
+    if p.pipeline > 1:
+        if p.zero_stage > 1:
+            raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: DeepSpeed's "
+                              "pipeline engine supports ZeRO stages 0 and 1 only")
+        if m.elastic.enabled:
+            raise ConfigError("model.elastic with parallel.pipeline > 1: an elastic (Flextron) model does not "
+                              "run under pipeline parallelism yet")
+        from pretrain.models.structure import parse_structure
+
+        n_blocks = sum(item.kind == "block" for item in parse_structure(m.structure))
+        if p.pipeline > n_blocks:
+            raise ConfigError(f"parallel.pipeline={p.pipeline} stages for the {n_blocks} blocks of "
+                              f"model.structure={m.structure!r}: every stage needs at least one block")
     if world_size % (p.tensor * p.pipeline):
         raise ConfigError(
             f"parallel.tensor={p.tensor} x parallel.pipeline={p.pipeline} does not divide the "

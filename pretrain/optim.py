@@ -15,8 +15,10 @@ def build_optimizer(model: torch.nn.Module, cfg, *, fused: bool) -> torch.optim.
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "tok." in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    # no empty group: ZeRO drops them, which would leave the LR schedule one group too many (a
+    # pipeline stage may hold only norms and a tied embedding)
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 

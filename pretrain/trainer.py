@@ -121,7 +121,7 @@ class Trainer:
         # 2. process groups
         from parallel.distributed import init_distributed
 
-        self.layout = init_distributed(cfg.parallel.tensor)
+        self.layout = init_distributed(cfg.parallel.tensor, pipeline_parallel=cfg.parallel.pipeline)
         self.device = self.layout.device
         self.bf16 = cfg.training.dtype == "bf16" or (cfg.training.dtype == "auto" and torch.cuda.is_available())
 
@@ -137,6 +137,7 @@ class Trainer:
         if self.init_from is not None:  # before the engine: DeepSpeed/ZeRO take the model as it is then
             ckpt.load_weights(self.init_from, model)
         model = model.to(self.device)
+        model.set_grad_accum(self.grad_accum)
         self.params = count_parameters(model, cfg.model)
         self.elastic = None  # Flextron's elastic continued training (pretrain/elastic_training.py)
         if cfg.training.elastic.enabled:
@@ -148,11 +149,16 @@ class Trainer:
                 teacher.load_state_dict(model.state_dict())
                 teacher = teacher.to(self.device, torch.bfloat16 if self.bf16 else torch.float32)
             self.elastic = ElasticTraining(cfg, model, dp_rank=self.layout.dp_rank, teacher=teacher)
+        self.model = model  # the Network (under PP every rank builds it whole, then runs its stage)
+        if self.layout.pp_size > 1:  # DeepSpeed's pipeline engine over the flat layer list
+            from pretrain.pipeline import build_pipeline
+
+            model = build_pipeline(model, cfg)
         optimizer = build_optimizer(model, cfg.optimizer, fused=self.device.type == "cuda")
         scheduler = build_scheduler(optimizer, cfg)
         ds_config = zero.engine_config(micro_batch=cfg.training.micro_batch_size, grad_accum=self.grad_accum,
                                        zero_stage=cfg.parallel.zero_stage, bf16=self.bf16,
-                                       grad_clip=cfg.training.grad_clip)
+                                       grad_clip=cfg.training.grad_clip, pipeline=self.layout.pp_size > 1)
         self.engine = zero.initialize(model, optimizer, scheduler, ds_config)
         self.loader = TrainLoader(self.data, dp_rank=self.layout.dp_rank, dp_size=self.dp_size,
                                   micro_batch=cfg.training.micro_batch_size, num_workers=cfg.data.workers,
@@ -210,7 +216,8 @@ class Trainer:
             where = f"resumed from {self.resume_from} at step {self.step}" if self.resume_from else "fresh start"
             self.progress.log(
                 f"frugal: {self.params['params_total'] / 1e6:.2f}M params ({self.params['params_non_embedding'] / 1e6:.2f}M "
-                f"non-embedding) | world {self.layout.world_size} = tp {self.layout.tp_size} x dp {self.dp_size} | "
+                f"non-embedding) | world {self.layout.world_size} = tp {self.layout.tp_size} x dp {self.dp_size}"
+                f"{f' x pp {self.layout.pp_size}' if self.layout.pp_size > 1 else ''} | "
                 f"zero {cfg.parallel.zero_stage} | {'bf16' if self.bf16 else 'fp32'} on {self.device} | "
                 f"grad accum {self.grad_accum} | {where}")
 
@@ -240,14 +247,19 @@ class Trainer:
         losses = []
         if self.elastic is not None:
             self.elastic.stats = {}  # what a skipped step noted is not this step's
-        for micro, (inputs, targets) in enumerate(self._micro_batches()):
+        pipelined = self.layout.pp_size > 1
+        if pipelined:  # DeepSpeed's schedule: every micro-batch forward and backward, then the update
+            from pretrain.pipeline import micro_batches
+
+            losses.append(engine.train_batch(data_iter=micro_batches(self.batches, self.grad_accum)).detach())
+        for micro, (inputs, targets) in enumerate(() if pipelined else self._micro_batches()):
             if self.elastic is not None:  # a budget, the router's sub-network, distillation
                 loss = self.elastic.loss(engine, inputs, targets, self.step, micro)
             else:
                 loss = engine(inputs, targets)
             engine.backward(loss)  # a non-finite loss poisons the gradients: the step is dropped below
             losses.append(loss.detach())
-        local = torch.stack(losses)
+        local = torch.stack(losses)  # under PP: the global batch's mean loss, on every rank
         # Over the whole world: TP ranks hold replicas of their replica's loss, so sum / world is the
         # mean over data-parallel replicas, and every rank takes the same decision.
         # The third entry: did any rank receive a stop signal (the same decision everywhere, no extra sync).
@@ -256,11 +268,16 @@ class Trainer:
         dist.all_reduce(stats)
         total, bad, stop = stats.tolist()  # one device-to-host transfer
         loss, self.stop_agreed = total / self.layout.world_size, stop > 0
+        if bad and pipelined:
+            raise FrugalError(
+                f"non-finite loss at step {self.step + 1}: DeepSpeed's pipeline engine has applied that update "
+                "(it cannot be skipped under pipeline parallelism); resume from the last checkpoint")
         if bad:
             zero.skip_step(engine)
             engine.lr_scheduler.step()  # the schedule follows the step counter, applied or not
             return {"skipped": 1.0}
-        engine.step()
+        if not pipelined:
+            engine.step()
         out = {"loss": loss, "lr": engine.lr_scheduler.get_last_lr()[0]}
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -273,7 +290,7 @@ class Trainer:
         if self.elastic is not None and self.cfg.training.elastic.eval_budgets:  # every budget's sub-network
             for b in self.elastic.budgets:
                 out[f"val_loss_budget_{b:g}"] = self.evaluate(budget=b)
-        if self.engine.module.subsampled:
+        if self.model.subsampled and self.layout.pp_size == 1:  # ragged batches: not through a pipeline
             out["val_loss_threshold"] = self.evaluate(threshold=True)
             out["val_loss_threshold_gap"] = out["val_loss_threshold"] - out["val_loss"]
         return out
@@ -284,12 +301,22 @@ class Trainer:
         the sub-network an elastic model's router picks for it (no sampling)."""
         self.engine.eval()
         total = torch.zeros(2, device=self.device)  # (sum of per-sequence mean losses, sequences)
-        for batch in val_batches(self.val, dp_rank=self.layout.dp_rank, dp_size=self.dp_size,
-                                 micro_batch=self.cfg.training.micro_batch_size,
-                                 max_batches=self.cfg.training.eval_batches):
+        batches = val_batches(self.val, dp_rank=self.layout.dp_rank, dp_size=self.dp_size,
+                              micro_batch=self.cfg.training.micro_batch_size, max_batches=self.cfg.training.eval_batches)
+        if self.layout.pp_size > 1:
+            from pretrain.pipeline import micro_batches
+
+            # the pipeline's shapes are static: full micro-batches only (a ragged tail is left out)
+            full = [b for b in batches if b.shape[0] == self.cfg.training.micro_batch_size]
+            if full:
+                loss = self.engine.eval_batch(iter(micro_batches(iter(full), len(full))), num_micro_batches=len(full))
+                n = float(sum(b.shape[0] for b in full))
+                total += torch.stack([loss.float().to(self.device).reshape(()) * n, torch.tensor(n, device=self.device)])
+            batches = ()
+        for batch in batches:
             batch = batch.to(self.device)
             n = batch.shape[0]
-            elastic = self.engine.module.elastic_state(n, budget) if budget is not None else None
+            elastic = self.model.elastic_state(n, budget) if budget is not None else None
             loss = self.engine(batch[:, :-1], batch[:, 1:], threshold=threshold, elastic=elastic)
             total += torch.stack([loss.float() * n,
                                   torch.tensor(float(n), device=self.device)])
@@ -302,7 +329,7 @@ class Trainer:
                 "mlflow_run_id": self.tracker.run_id, "dp_size": self.dp_size,
                 "samples_consumed": self.loader.samples_consumed_total,
                 "config": self.cfg.model_dump(mode="json")}
-        layout = {"tp": self.layout.tp_size, "pp": 1, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage,
+        layout = {"tp": self.layout.tp_size, "pp": self.layout.pp_size, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage,
                   "world_size": self.layout.world_size}
         protect = self.resume_from if self.step <= self.fallback_horizon else None
         return ckpt.save(self.engine, self.ckpt_dir, self.step, meta, rank=self.layout.rank,
@@ -324,7 +351,7 @@ class Trainer:
         set_schedule_end(scheduler, self.cfg, end)
         self.progress.log(f"step {start}: decay branch to step {end} ({end - start} steps)")
         while self.step < end:
-            self.engine.module.set_step(self.step)
+            self.model.set_step(self.step)
             if "skipped" in self.train_step():
                 self.skipped_steps += 1
             self.step += 1
@@ -353,7 +380,7 @@ class Trainer:
                     end = self.decay_branches.pop(self.step)
                     history.append({"step": end, **self.decay_branch(end)})
                 t0 = time.perf_counter()
-                self.engine.module.set_step(self.step)  # step-scheduled layers (SUBLLM's bypass floor)
+                self.model.set_step(self.step)  # step-scheduled layers (SUBLLM's bypass floor)
                 metrics = self.train_step()
                 self.step += 1
                 if "skipped" in metrics:
@@ -383,7 +410,7 @@ class Trainer:
                 metrics["tokens"] = self.step * tokens_per_step  # an x-axis for the MLflow charts
                 if self.elastic is not None:
                     metrics.update(self.elastic.step_metrics())
-                diag = self.engine.module.diagnostics()
+                diag = self.model.diagnostics()
                 if diag:  # one device-to-host transfer for all of them
                     metrics.update(zip(diag, torch.stack(list(diag.values())).tolist()))
                 if self.peak_flops:

@@ -162,6 +162,13 @@ class Network(nn.Module):
             if hasattr(m, "set_step"):
                 m.set_step(step)
 
+    def set_grad_accum(self, micro_batches: int) -> None:
+        """Micro-batches per optimizer step on this rank: SUBLLM's balancer scales its auxiliary
+        gradient by 1 / micro_batches, as the loss is (see Subsample.aux_scale)."""
+        for m in self.layers:
+            if isinstance(m, Subsample):
+                m.aux_scale = 1.0 / micro_batches
+
     def diagnostics(self) -> dict[str, torch.Tensor]:
         """Per-step numbers worth logging (SUBLLM: fraction of positive scores per level)."""
         return {f"positive_fraction/level{m.level}": m.positive_fraction for m in self.layers

@@ -63,6 +63,10 @@ class Subsample(nn.Module):
         # replicated on every tensor-parallel rank (a plain parameter): the input is replicated too
         self.score = nn.Linear(cfg.d_model, 1, bias=False)
         nn.init.normal_(self.score.weight, std=cfg.init_std)
+        # the balancer's gradient per call, times 1 / micro-batches per optimizer step (set_grad_accum):
+        # summed over a step's micro-batches and averaged over DP like the loss, it is the global
+        # batch's mean, whatever the accumulation or DP size
+        self.aux_scale = 1.0
         self.register_buffer("positive_fraction", torch.zeros(()), persistent=False)  # for logging
         # threshold (inference) calls add (tokens entering the level, tokens kept) here, in place on
         # the device: no host sync per call, and a CUDA-graph replay updates the same memory
@@ -89,7 +93,7 @@ class Subsample(nn.Module):
             return self._threshold(p, s)
         self.positive_fraction = (s.detach() > 0).float().mean()
         s = balance(s, target=self.ratio, tolerance=self.sub.balancer_tolerance, abs_min=self.sub.score_abs_min,
-                    abs_max=self.sub.score_abs_max, strength=self.sub.balancer_strength)
+                    abs_max=self.sub.score_abs_max, strength=self.sub.balancer_strength * self.aux_scale)
         k = max(1, math.ceil(h.shape[1] * self.ratio))
         kept = s.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
         weight = s.gather(1, kept).clamp(0.0, 1.0).unsqueeze(-1).to(h.dtype)

@@ -84,12 +84,17 @@ def test_preemption_signal_saves_requeues_and_resumes(slurm_cluster, tiny_data, 
         time.sleep(0.2)
     assert slurm_cluster.cmd("scancel", "--batch", "--signal=USR1", job).returncode == 0
     released = False
-    while "restart 1" not in log.read_text() or state() not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    while "restart 1" not in log.read_text() or state() not in ended:
         assert "restart 1" in log.read_text() or "training finished" not in log.read_text(), \
             f"the run ended before the signal reached it:\n{log.read_text()[-3000:]}"
         if not released and "requeueing job" in log.read_text() and state() == "PENDING":
-            # Slurm holds a requeued job back for a couple of minutes (its BeginTime); skip that wait
-            released = slurm_cluster.cmd("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
+            # Slurm holds a requeued job back for a couple of minutes (its BeginTime); shorten that
+            # wait, but not to zero: a start in the same second as the requeue meets the first run's
+            # revoked credential and fails ("Job credential revoked")
+            released = slurm_cluster.cmd("scontrol", "update", f"JobId={job}", "StartTime=now+3").returncode == 0
+        if released and "restart 1" not in log.read_text():
+            assert state() not in ended, f"the requeued job did not start: {state()}\n{slurm_cluster.logs()}"
         assert time.time() < deadline + 240, f"{state()}\n{log.read_text()[-4000:]}\n{slurm_cluster.logs()}"
         time.sleep(0.5)
     text = log.read_text()
