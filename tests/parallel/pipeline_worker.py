@@ -124,3 +124,6 @@ def pipelined(out: str, tp: int, zero: int) -> None:
 if __name__ == "__main__":
     out, phase, *rest = sys.argv[1:]
     reference(out) if phase == "ref" else pipelined(out, *map(int, rest))
+    from parallel.distributed import destroy_distributed
+
+    destroy_distributed()  # an orderly exit: process groups torn down before the interpreter

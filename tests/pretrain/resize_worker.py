@@ -147,4 +147,7 @@ def main(data: str, out: str, stages: str, phase: str, tp: str = "1", elastic: s
 
 
 if __name__ == "__main__":
+    from parallel.distributed import destroy_distributed
+
     main(*sys.argv[1:])
+    destroy_distributed()  # an orderly exit: process groups torn down before the interpreter
