@@ -83,13 +83,6 @@ def describe(model: torch.nn.Module, tp_size: int) -> None:
             "logical_shape": list(logical_shape(p, tp_size)), "conversion": {"affine_map": maps[name]}})
 
 
-def has_layouts(model_state: dict) -> bool:
-    """Whether a checkpoint's model-state dict carries `describe`'s maps (checkpoints written before
-    Frugal described its layouts do not: their TP shards cannot be joined correctly)."""
-    info = model_state.get(UNIVERSAL_CHECKPOINT_INFO) or {}
-    return bool(info.get(AFFINE_MAP, {}).get(AFFINE_MAP_PARAMS))
-
-
 @contextlib.contextmanager
 def universal_loading():
     """Around DeepSpeed's universal load: its ZeRO-3 path asks `deepspeed.utils.groups` for the

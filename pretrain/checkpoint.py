@@ -47,7 +47,11 @@ from pretrain.safe_load import safe_engine_loads, safe_load, safe_torch_load
 LATEST = "latest"
 META = "frugal.json"
 MANIFEST = "manifest.json"
-FORMAT = 2  # meta["checkpoint_format"]: 2 = folders that get a manifest (older ones load unverified)
+# meta["checkpoint_format"]: 2 = folders that get a manifest (older ones load unverified); 3 = the
+# model-state files also carry each parameter's tensor-parallel layout (parallel/universal_layout.py),
+# which resuming at another TP size needs (older TP > 1 checkpoints resume at their own layout only)
+FORMAT = 3
+MANIFEST_FORMAT, LAYOUT_FORMAT = 2, 3
 
 
 def tag_for(step: int) -> str:
@@ -113,7 +117,7 @@ def check_folder(path: Path, *, verify: bool = True) -> str | None:
             fmt = read_meta(path).get("checkpoint_format", 1)
         except CheckpointError as e:
             return str(e)
-        return (f"{manifest} is missing: the save of this checkpoint never finished" if fmt >= FORMAT
+        return (f"{manifest} is missing: the save of this checkpoint never finished" if fmt >= MANIFEST_FORMAT
                 else UNVERIFIED)
     try:
         files = json.loads(manifest.read_text())["files"]

@@ -161,8 +161,26 @@ def build_pipeline(net: Network, cfg) -> nn.Module:
 
 
 def micro_batches(batches, n: int):
-    """The pipeline engine's data iterator for one step: n (inputs, targets) micro-batches from an
-    iterator of token blocks [mb, seq_len + 1]."""
+    """The pipeline engine's data iterator: n (inputs, targets) micro-batches from an iterator of
+    token blocks [mb, seq_len + 1]."""
     for _ in range(n):
         batch = next(batches)
         yield inputs(batch[:, :-1]), batch[:, 1:]
+
+
+def train_batch(engine, batches, n: int) -> torch.Tensor:
+    """One optimizer step through the pipeline schedule (forward and backward of n micro-batches,
+    then the update); the global batch's mean loss [1], on every rank."""
+    return engine.train_batch(data_iter=micro_batches(batches, n)).detach().reshape(1)
+
+
+@torch.no_grad()
+def eval_sum(engine, batches, micro_batch: int) -> torch.Tensor:
+    """(sum of per-sequence mean losses, sequences) over this DP rank's val micro-batches. The
+    pipeline's shapes are static: full micro-batches only (a ragged tail is left out)."""
+    full = [b for b in batches if b.shape[0] == micro_batch]
+    if not full:
+        return torch.zeros(2)
+    loss = engine.eval_batch(micro_batches(iter(full), len(full)), num_micro_batches=len(full))
+    n = float(len(full) * micro_batch)
+    return torch.stack([loss.detach().float().cpu().reshape(()) * n, torch.tensor(n)])

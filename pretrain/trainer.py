@@ -234,6 +234,26 @@ class Trainer:
             batch = next(self.batches).to(self.device, non_blocking=True)
             yield batch[:, :-1], batch[:, 1:]
 
+    def _losses(self) -> torch.Tensor:
+        """Forward and backward of this step's micro-batches; their losses."""
+        losses = []
+        if self.elastic is not None:
+            self.elastic.stats = {}  # what a skipped step noted is not this step's
+        for micro, (inputs, targets) in enumerate(self._micro_batches()):
+            if self.elastic is not None:  # a budget, the router's sub-network, distillation
+                loss = self.elastic.loss(self.engine, inputs, targets, self.step, micro)
+            else:
+                loss = self.engine(inputs, targets)
+            self.engine.backward(loss)  # a non-finite loss poisons the gradients: train_step drops the step
+            losses.append(loss.detach())
+        return torch.stack(losses)
+
+    def _pipelined_losses(self) -> torch.Tensor:
+        """Under PP, DeepSpeed's schedule runs every micro-batch's forward and backward AND the update."""
+        from pretrain.pipeline import train_batch
+
+        return train_batch(self.engine, self.batches, self.grad_accum)
+
     def train_step(self) -> dict[str, float]:
         """Forward/backward over grad_accum micro-batches, then one optimizer update.
 
@@ -244,22 +264,8 @@ class Trainer:
         from parallel import zero
 
         engine = self.engine
-        losses = []
-        if self.elastic is not None:
-            self.elastic.stats = {}  # what a skipped step noted is not this step's
         pipelined = self.layout.pp_size > 1
-        if pipelined:  # DeepSpeed's schedule: every micro-batch forward and backward, then the update
-            from pretrain.pipeline import micro_batches
-
-            losses.append(engine.train_batch(data_iter=micro_batches(self.batches, self.grad_accum)).detach())
-        for micro, (inputs, targets) in enumerate(() if pipelined else self._micro_batches()):
-            if self.elastic is not None:  # a budget, the router's sub-network, distillation
-                loss = self.elastic.loss(engine, inputs, targets, self.step, micro)
-            else:
-                loss = engine(inputs, targets)
-            engine.backward(loss)  # a non-finite loss poisons the gradients: the step is dropped below
-            losses.append(loss.detach())
-        local = torch.stack(losses)  # under PP: the global batch's mean loss, on every rank
+        local = self._pipelined_losses() if pipelined else self._losses()
         # Over the whole world: TP ranks hold replicas of their replica's loss, so sum / world is the
         # mean over data-parallel replicas, and every rank takes the same decision.
         # The third entry: did any rank receive a stop signal (the same decision everywhere, no extra sync).
@@ -304,14 +310,9 @@ class Trainer:
         batches = val_batches(self.val, dp_rank=self.layout.dp_rank, dp_size=self.dp_size,
                               micro_batch=self.cfg.training.micro_batch_size, max_batches=self.cfg.training.eval_batches)
         if self.layout.pp_size > 1:
-            from pretrain.pipeline import micro_batches
+            from pretrain.pipeline import eval_sum
 
-            # the pipeline's shapes are static: full micro-batches only (a ragged tail is left out)
-            full = [b for b in batches if b.shape[0] == self.cfg.training.micro_batch_size]
-            if full:
-                loss = self.engine.eval_batch(iter(micro_batches(iter(full), len(full))), num_micro_batches=len(full))
-                n = float(sum(b.shape[0] for b in full))
-                total += torch.stack([loss.float().to(self.device).reshape(()) * n, torch.tensor(n, device=self.device)])
+            total += eval_sum(self.engine, batches, self.cfg.training.micro_batch_size).to(self.device)
             batches = ()
         for batch in batches:
             batch = batch.to(self.device)

@@ -71,16 +71,11 @@ def to_universal(path: Path, *, workers: int = 1) -> Path:
 def _check_layouts(path: Path) -> None:
     """Refuse a checkpoint whose TP shards the converter could not join: written at TP > 1 without the
     layout maps (before Frugal wrote them)."""
-    from parallel.universal_layout import has_layouts
+    from pretrain.checkpoint import LAYOUT_FORMAT, read_meta
 
-    from pretrain.checkpoint import read_meta
-
-    saved_tp = read_meta(path)["config"]["parallel"]["tensor"]
-    if saved_tp == 1:
-        return
-    # TP rank 0's model states (ZeRO-3 names them per DP rank: any of them will do)
-    states = sorted(path.glob("*mp_rank_00_model_states.pt"))
-    if not states or not has_layouts(safe_load(states[0], map_location="cpu")):
+    meta = read_meta(path)
+    saved_tp = meta["config"]["parallel"]["tensor"]
+    if saved_tp > 1 and meta.get("checkpoint_format", 1) < LAYOUT_FORMAT:
         raise CheckpointError(f"{path} was written at parallel.tensor={saved_tp} without its parameters' "
                               "tensor-parallel layouts (an older Frugal): resume it at the same data- "
                               "and tensor-parallel sizes")

@@ -197,6 +197,8 @@ def slurm_cluster():
     """A running two-node Slurm cluster (node1, node2, partition debug); skips where Slurm cannot be
     installed."""
     why = _ensure_packages()
+    if why and os.environ.get("FRUGAL_REQUIRE_SLURM"):  # CI: these tests must run, never skip
+        pytest.fail(why)
     if why:
         pytest.skip(why)
     # not under pytest's tmp_path: its 0700 folders would keep the munge user out

@@ -10,7 +10,7 @@ from deepspeed.checkpoint.affine import ParamAffineMap
 from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META, UNIVERSAL_CHECKPOINT_INFO
 
 from parallel.elastic_layout import shard, unshard
-from parallel.universal_layout import affine_map, describe, has_layouts
+from parallel.universal_layout import affine_map, describe
 from tests.parallel.test_elastic_layout import Fake
 
 
@@ -35,7 +35,6 @@ def test_describe_attaches_save_and_load_descriptions():
     model = Fake(2)
     describe(model, 2)
     info = getattr(model, UNIVERSAL_CHECKPOINT_INFO)
-    assert has_layouts({UNIVERSAL_CHECKPOINT_INFO: info}) and not has_layouts({})
     patterns = info["affine_map"]["params"]
     for name, p in model.named_parameters():
         (pattern,) = [k for k in patterns if re.match(k, name)]  # exactly one, anchored

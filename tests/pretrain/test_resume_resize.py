@@ -95,7 +95,8 @@ def test_undescribed_tp_checkpoint_is_refused(tmp_path):
     shards wrongly, so it is refused before converting, naming the problem, and nothing is written."""
     path = tmp_path / ckpt.tag_for(3)
     path.mkdir()
-    (path / ckpt.META).write_text(json.dumps({"step": 3, "dp_size": 1, "config": {"parallel": {"tensor": 2}}}))
+    (path / ckpt.META).write_text(json.dumps({"step": 3, "dp_size": 1, "checkpoint_format": 2,  # manifests, no maps
+                                              "config": {"parallel": {"tensor": 2}}}))
     for r in (0, 1):
         torch.save({"module": {"w": torch.ones(2)}}, path / ckpt.model_file(r))
     before = sorted(p.name for p in path.iterdir())
