@@ -75,18 +75,29 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) ->
 
 def vocab_parallel_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token KL(softmax(teacher/T) || softmax(student/T)) [..] from vocab-sharded logits, without
-    gathering the vocabulary: log-sum-exp and the KL sum are reduced over the TP group. The result is
-    replicated on every TP rank, and so is the loss built from it, which is what makes the identity
-    backward of the reductions the right gradient for each shard."""
-    log_ps = _log_softmax(student.float() / temperature)
+    gathering the vocabulary: max, log-sum-exp and the KL sum are reduced over the TP group.
+
+        KL = Σ_v p_t(v) · (log p_t(v) − (x_v − m)) + log Z · Σ_v p_t(v),   Z = Σ_v exp(x_v − m)
+
+    log Z enters once, after the reductions, replicated on every TP rank, like the result: then the
+    identity backward of the reductions is each shard's right gradient, p_s − p_t. (log Z inside each
+    shard's partial sum would weigh its gradient by that shard's teacher mass only.)"""
+    x = student.float() / temperature
+    m = x.detach().max(dim=-1, keepdim=True).values
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
+    log_z = mtp.reduce_from_tensor_model_parallel_region((x - m).exp().sum(dim=-1)).log()
     with torch.no_grad():
         log_pt = _log_softmax(teacher.float() / temperature)
-    return mtp.reduce_from_tensor_model_parallel_region((log_pt.exp() * (log_pt - log_ps)).sum(-1))
+        pt = log_pt.exp()
+        mass = mtp.reduce_from_tensor_model_parallel_region(pt.sum(dim=-1))  # 1, up to rounding
+    return mtp.reduce_from_tensor_model_parallel_region((pt * (log_pt - (x - m))).sum(-1)) \
+        + log_z * mass
 
 
 def _log_softmax(x: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the vocabulary split across the TP group (x: this rank's shard)."""
-    m = x.detach().max(dim=-1, keepdim=True).values
+    """log_softmax over the vocabulary split across the TP group (x: this rank's shard; no gradient)."""
+    m = x.max(dim=-1, keepdim=True).values
     if ps.get_tensor_model_parallel_world_size() > 1:
         torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
     total = mtp.reduce_from_tensor_model_parallel_region((x - m).exp().sum(dim=-1, keepdim=True))

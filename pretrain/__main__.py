@@ -9,6 +9,7 @@
     export         --checkpoint DIR --budget 0.5 --out DIR   (Flextron: a budget's sub-network as a plain model)
     elastic-profile --config FILE --out latency.json  (Flextron: per-block decode latency of every width)
     scaling        plan|run|fit --study NAME    (scaling-law ladders tracked in MLflow; docs/scaling.md)
+    bench          --suite all|llama|subllm|hgrnbit|flextron|griffin   (GPU speed vs baselines; docs/benchmarks.md)
 
 User errors (config, data, checkpoint) print one clear message and exit with code 2; heavy
 libraries are imported only after the arguments are checked.
@@ -297,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--submit", action="store_true", help="run --slurm: also sbatch it")
     sc.add_argument("--bootstrap", type=int, default=200, help="fit: bootstrap resamples for the intervals")
     sc.set_defaults(fn=cmd_scaling)
+
+    from pretrain.bench.cli import add_parser as add_bench
+
+    add_bench(sub)
     return p
 
 

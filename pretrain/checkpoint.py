@@ -472,7 +472,9 @@ def _read_stages(path: Path, tp_rank: int) -> dict[str, Any]:
             state = safe_load(f, map_location="cpu")
         except (OSError, EOFError, RuntimeError, TypeError, pickle.UnpicklingError) as e:
             raise CheckpointError(f"cannot read the layer weights in {f}: {e!r}") from None
-        out.update({f"layers.{idx}.{k.removeprefix('layer.')}": v for k, v in state.items()})
+        # (Flextron's router rides in the StageLayer after which it runs, `router.<name>`: the network's too)
+        out.update({k if k.startswith("router.") else f"layers.{idx}.{k.removeprefix('layer.')}": v
+                    for k, v in state.items()})
     return out
 
 

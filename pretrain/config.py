@@ -40,6 +40,14 @@ class ModelConfig(Section):
     bitlinear_eps: float = 1e-8  # eps of each BitLinear's input RMSNorm (the reference's value)
     bitlinear_fused: bool = True  # fused kernels, int8 codes saved; false = the unfused reference graph
     init_std: float = 0.02  # output projections use init_std / sqrt(2 * n_blocks)
+    # training speed (docs/benchmarks.md); none changes the math beyond rounding:
+    # RMSNorm, RoPE and silu(gate)*up each one compiled kernel when training on a GPU (models/fused.py)
+    fused_kernels: bool = False
+    # SDPA kernel in training on a GPU: PyTorch's choice, FlashAttention-2, or cuDNN's fused attention
+    attention_backend: Literal["auto", "flash", "cudnn"] = "auto"
+    # loss from vocab-sharded logits: megatron's (an fp32 copy of the logits, fp32 softmax saved) or
+    # token-chunked (fp32 only per chunk; the bf16 logits and one fp32 per token saved)
+    cross_entropy: Literal["megatron", "chunked"] = "megatron"
     subsample: SubsampleConfig = SubsampleConfig()
     elastic: ElasticConfig = ElasticConfig()
     # per-block widths of a sub-network exported from an elastic model (`python -m pretrain export
@@ -149,6 +157,9 @@ class TrainingConfig(Section):
     eval_batches: int = 4  # micro-batches per rank in one validation pass
     log_every: int = 10  # steps between printed log lines
     max_bad_steps: int = 5  # abort after this many consecutive non-finite losses
+    # torch.compile each block (GPU only; the linears stay megatron-core's TP layers, DeepSpeed wraps
+    # the model as usual). Costs ~1 min of compilation at the start; docs/benchmarks.md measures it.
+    compile: bool = False
     elastic: ElasticTrainingConfig = ElasticTrainingConfig()
 
     @model_validator(mode="after")
@@ -344,9 +355,6 @@ def check_layout(cfg: RunConfig, world_size: int) -> int:
         if p.zero_stage > 1:
             raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: DeepSpeed's "
                               "pipeline engine supports ZeRO stages 0 and 1 only")
-        if m.elastic.enabled:
-            raise ConfigError("model.elastic with parallel.pipeline > 1: an elastic (Flextron) model does not "
-                              "run under pipeline parallelism yet")
         from pretrain.models.structure import parse_structure
 
         n_blocks = sum(item.kind == "block" for item in parse_structure(m.structure))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 
 import torch
+import torch.nn.functional as F
 
 
 class ElasticTraining:
@@ -22,6 +23,7 @@ class ElasticTraining:
         self.budgets = list(cfg.model.elastic.budgets)
         self.seed, self.dp_rank = cfg.training.seed, dp_rank
         model.router.tolerance, model.router.tau = self.t.budget_tolerance, self.t.gumbel_temperature
+        self.cost = model.router.cost
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.stats: dict[str, list[torch.Tensor]] = {}
 
@@ -33,25 +35,49 @@ class ElasticTraining:
         return budget, model.elastic_state(batch, budget, torch.Generator().manual_seed(seed))
 
     def loss(self, engine, inputs: torch.Tensor, targets: torch.Tensor, step: int, micro: int) -> torch.Tensor:
-        from parallel.tensor_parallel import vocab_parallel_cross_entropy, vocab_parallel_kl
-
         net = engine.module
         budget, state = self.sample(step, micro, inputs.shape[0], net)
         logits = engine(inputs, elastic=state)
-        ce = vocab_parallel_cross_entropy(logits, targets).mean()
-        loss = ce
-        self._note(f"ce_budget_{budget:g}", ce)
+        teacher = None
         if self.teacher is not None:
             with torch.no_grad():
                 teacher = self.teacher(inputs)
+        sub = budget < 1.0
+        return self.objective(logits, targets, budget, teacher, net.router.budget_loss if sub else None,
+                              net.router.cost_ratio if sub else None)
+
+    def pipelined(self, logits: torch.Tensor, teacher: torch.Tensor | None, state, targets: torch.Tensor,
+                  budget: float) -> torch.Tensor:
+        """The objective on a pipeline's last stage (pretrain/pipeline.py: loss_fn): the router ran on
+        the first stage, and its choice, gates and budget loss came along with the micro-batch; the
+        cost ratio is recomputed from the choice."""
+        ratio = None
+        if budget < 1.0:
+            cost = self.cost
+            mlp = F.one_hot(state.mlp, cost.mlp.shape[1]).float()
+            heads = F.one_hot(state.heads, cost.attn.shape[1]).float()
+            ratio = (cost.of(mlp, heads) / (budget * cost.full)).mean()
+        return self.objective(logits, targets, budget, teacher, state.budget_loss, ratio)
+
+    def objective(self, logits: torch.Tensor, targets: torch.Tensor, budget: float, teacher: torch.Tensor | None,
+                  budget_loss: torch.Tensor | None, cost_ratio: torch.Tensor | None) -> torch.Tensor:
+        """CE + w_kd · T² · KL(teacher ‖ student) + w_budget · L_budget of one micro-batch's vocab-sharded
+        logits (the same whether the network ran in one piece or as pipeline stages)."""
+        from parallel.tensor_parallel import vocab_parallel_cross_entropy, vocab_parallel_kl
+
+        ce = vocab_parallel_cross_entropy(logits, targets).mean()
+        loss = ce
+        self._note(f"ce_budget_{budget:g}", ce)
+        if teacher is not None:
             temp = self.t.distill_temperature
             kl = vocab_parallel_kl(logits, teacher, temp).mean()
             loss = loss + self.t.distill_weight * temp ** 2 * kl
             self._note("kl", kl)
+        if budget_loss is not None:  # (a pipeline adds a full micro-batch's zero: its gradient is sent back)
+            loss = loss + self.t.budget_loss_weight * budget_loss.reshape(())
         if budget < 1.0:
-            loss = loss + self.t.budget_loss_weight * net.router.budget_loss
-            self._note("budget_loss", net.router.budget_loss)
-            self._note(f"cost_ratio_{budget:g}", net.router.cost_ratio)
+            self._note("budget_loss", budget_loss.reshape(()))
+            self._note(f"cost_ratio_{budget:g}", cost_ratio)
         self._note("full_fraction", torch.tensor(float(budget >= 1.0), device=ce.device))
         return loss
 

@@ -137,6 +137,10 @@ class Trainer:
         if self.init_from is not None:  # before the engine: DeepSpeed/ZeRO take the model as it is then
             ckpt.load_weights(self.init_from, model)
         model = model.to(self.device)
+        if cfg.training.compile and self.device.type == "cuda":
+            from pretrain.models.fused import compile_blocks
+
+            compile_blocks(model)
         model.set_grad_accum(self.grad_accum)
         self.params = count_parameters(model, cfg.model)
         self.elastic = None  # Flextron's elastic continued training (pretrain/elastic_training.py)
@@ -153,7 +157,8 @@ class Trainer:
         if self.layout.pp_size > 1:  # DeepSpeed's pipeline engine over the flat layer list
             from pretrain.pipeline import build_pipeline
 
-            model = build_pipeline(model, cfg)
+            teacher, objective = (self.elastic.teacher, self.elastic.pipelined) if self.elastic else (None, None)
+            model = build_pipeline(model, cfg, teacher=teacher, objective=objective)
         optimizer = build_optimizer(model, cfg.optimizer, fused=self.device.type == "cuda")
         scheduler = build_scheduler(optimizer, cfg)
         ds_config = zero.engine_config(micro_batch=cfg.training.micro_batch_size, grad_accum=self.grad_accum,
@@ -252,7 +257,24 @@ class Trainer:
         """Under PP, DeepSpeed's schedule runs every micro-batch's forward and backward AND the update."""
         from pretrain.pipeline import train_batch
 
-        return train_batch(self.engine, self.batches, self.grad_accum)
+        sample = None
+        if self.elastic is not None:  # each micro-batch's budget, drawn on the first and last stage alike
+            self.elastic.stats = {}
+            sample = lambda micro, rows: self.elastic.sample(self.step, micro, rows, self.model)  # noqa: E731
+        return train_batch(self.engine, self.batches, self.grad_accum, sample)
+
+    def _elastic_metrics(self) -> dict[str, float]:
+        """Flextron's step metrics; under PP they are noted by the objective on the last stage and
+        logged by rank 0 on the first."""
+        metrics = self.elastic.step_metrics()
+        if self.layout.pp_size > 1:
+            from megatron.core import parallel_state as ps
+
+            box = [metrics]
+            dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                       group=ps.get_pipeline_model_parallel_group())
+            metrics = box[0]
+        return metrics
 
     def train_step(self) -> dict[str, float]:
         """Forward/backward over grad_accum micro-batches, then one optimizer update.
@@ -275,9 +297,14 @@ class Trainer:
         total, bad, stop = stats.tolist()  # one device-to-host transfer
         loss, self.stop_agreed = total / self.layout.world_size, stop > 0
         if bad and pipelined:
-            raise FrugalError(
-                f"non-finite loss at step {self.step + 1}: DeepSpeed's pipeline engine has applied that update "
-                "(it cannot be skipped under pipeline parallelism); resume from the last checkpoint")
+            # the schedule ended with the optimizer step: ZeRO-1's overflow check (the non-finite
+            # gradient norm every rank computes alike) has skipped it, stage 0's plain optimizer not
+            if engine.was_step_applied():
+                raise FrugalError(
+                    f"non-finite loss at step {self.step + 1}: DeepSpeed's pipeline engine has applied that update "
+                    "(at parallel.zero_stage=0 it cannot skip it; stage 1 does); resume from the last checkpoint")
+            engine.lr_scheduler.step()  # the schedule follows the step counter, applied or not
+            return {"skipped": 1.0}
         if bad:
             zero.skip_step(engine)
             engine.lr_scheduler.step()  # the schedule follows the step counter, applied or not
@@ -296,7 +323,7 @@ class Trainer:
         if self.elastic is not None and self.cfg.training.elastic.eval_budgets:  # every budget's sub-network
             for b in self.elastic.budgets:
                 out[f"val_loss_budget_{b:g}"] = self.evaluate(budget=b)
-        if self.model.subsampled and self.layout.pp_size == 1:  # ragged batches: not through a pipeline
+        if "(" in self.cfg.model.structure:  # (not self.model.subsampled: under PP a stage may hold no level)
             out["val_loss_threshold"] = self.evaluate(threshold=True)
             out["val_loss_threshold_gap"] = out["val_loss_threshold"] - out["val_loss"]
         return out
@@ -312,7 +339,9 @@ class Trainer:
         if self.layout.pp_size > 1:
             from pretrain.pipeline import eval_sum
 
-            total += eval_sum(self.engine, batches, self.cfg.training.micro_batch_size).to(self.device)
+            state_of = (lambda rows: self.model.elastic_state(rows, budget)) if budget is not None else None  # noqa: E731
+            total += eval_sum(self.engine, batches, self.cfg.training.micro_batch_size, state_of,
+                              threshold).to(self.device)
             batches = ()
         for batch in batches:
             batch = batch.to(self.device)
@@ -410,7 +439,7 @@ class Trainer:
                 metrics["samples_consumed"] = self.loader.samples_consumed_total
                 metrics["tokens"] = self.step * tokens_per_step  # an x-axis for the MLflow charts
                 if self.elastic is not None:
-                    metrics.update(self.elastic.step_metrics())
+                    metrics.update(self._elastic_metrics())
                 diag = self.model.diagnostics()
                 if diag:  # one device-to-host transfer for all of them
                     metrics.update(zip(diag, torch.stack(list(diag.values())).tolist()))
@@ -440,7 +469,7 @@ class Trainer:
             if self.elastic is not None and self.layout.is_rank0:  # the sub-network each budget names now
                 import json
 
-                self.tracker.log_text(json.dumps(self.elastic.choices(self.engine.module), indent=1),
+                self.tracker.log_text(json.dumps(self.elastic.choices(self.model), indent=1),
                                       "elastic_choices.json")
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -455,4 +484,10 @@ class Trainer:
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
-    return Trainer(cfg).fit()
+    from parallel.distributed import destroy_distributed
+
+    result = Trainer(cfg).fit()
+    # process groups torn down before the interpreter exits: left to its shutdown, a gloo thread can
+    # abort the process ("terminate called without an active exception") after a finished run
+    destroy_distributed()
+    return result

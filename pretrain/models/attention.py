@@ -5,8 +5,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from kernels.decode_attention import decode_attention
 from pretrain.models.layers import apply_rotary
+
+_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
 class KVCache:
@@ -117,10 +121,13 @@ def ragged_mask(past: torch.Tensor, s: int, t: int, device) -> torch.Tensor:
 
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, spec, init_std: float, out_std: float,
-                 head_dim: int | None = None, elastic: bool = False):
+                 head_dim: int | None = None, elastic: bool = False, fused: bool = False, backend: str = "auto"):
         """head_dim: d_model // n_heads unless given (a sub-network exported with fewer heads keeps its
-        parent's head size). elastic: Flextron's unit is a query group (a KV head and its query heads)."""
+        parent's head size). elastic: Flextron's unit is a query group (a KV head and its query heads).
+        fused: RoPE as one compiled kernel in training; backend: SDPA's kernel in training (auto =
+        PyTorch's choice, flash = FlashAttention-2, cudnn = cuDNN's fused attention)."""
         super().__init__()
+        self.fused, self.backend = fused, backend
         self.head_dim = head_dim or d_model // n_heads
         self.heads = n_heads // spec.tp_size  # local (this TP rank's) query heads
         self.kv_heads = n_kv_heads // spec.tp_size  # local KV heads: whole query groups per rank
@@ -159,7 +166,7 @@ class Attention(nn.Module):
         q = q_proj(x).view(b, s, heads, self.head_dim).transpose(1, 2)
         k = k_proj(x).view(b, s, kv_heads, self.head_dim).transpose(1, 2)
         v = v_proj(x).view(b, s, kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k = apply_rotary(q, *rope, fused=self.fused), apply_rotary(k, *rope, fused=self.fused)
 
         if cache is not None and active is not None:  # a decode step: one token per row, sync-free
             k, v, visible = cache.append_masked(k, v, active)
@@ -177,5 +184,9 @@ class Attention(nn.Module):
                 mask = torch.ones(s, first + s, dtype=torch.bool, device=x.device).tril(diagonal=first)
                 causal = False
         gqa = heads != kv_heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        if self.backend != "auto" and cache is None and x.is_cuda:  # training / plain forward on a GPU
+            with sdpa_kernel(_BACKENDS[self.backend]):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return o_proj(out.transpose(1, 2).reshape(b, s, heads * self.head_dim))

@@ -15,14 +15,16 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_id = layer_id  # index into the generation caches
         out_std = cfg.init_std / math.sqrt(2 * n_blocks)  # residual-branch outputs scaled (GPT-2)
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        fused = cfg.fused_kernels
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, fused=fused)
         elastic = cfg.elastic.enabled
         # an exported Flextron sub-network has its own width per block (cfg.block_*)
         self.attn = Attention(cfg.d_model, cfg.block_heads(layer_id), cfg.block_kv_heads(layer_id), spec=spec,
-                              init_std=cfg.init_std, out_std=out_std, head_dim=cfg.head_dim, elastic=elastic)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+                              init_std=cfg.init_std, out_std=out_std, head_dim=cfg.head_dim, elastic=elastic,
+                              fused=fused, backend=cfg.attention_backend)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, fused=fused)
         self.mlp = SwiGLU(cfg.d_model, cfg.block_ffn(layer_id), spec=spec, init_std=cfg.init_std, out_std=out_std,
-                          elastic=elastic)
+                          elastic=elastic, fused=fused)
         if elastic:  # this rank's share of each offered width (elastic.py)
             self.mlp_widths = local_widths(cfg.elastic.ffn_widths(cfg.ffn_hidden), spec.tp_size)
             self.head_groups = local_widths(cfg.elastic.head_groups(cfg.kv_heads), spec.tp_size)
@@ -41,7 +43,9 @@ class TransformerBlock(nn.Module):
         cache = p.caches[self.layer_id] if p.caches is not None else None
         experts = p.experts[self.layer_id] if p.experts is not None else None
         mlp_choice, mlp_gate, heads_choice, heads_gate = slice_choice(p.elastic, self.layer_id)
-        if heads_choice is None:  # the plain block
+        if heads_choice is None and cache is None and experts is None:  # training, plain forward
+            return p._replace(hidden=self._dense(p.hidden, *p.rope))
+        if heads_choice is None:  # the plain block, generating
             h = p.hidden + self.attn(self.attn_norm(p.hidden), p.rope, cache, p.rows, p.active)
             return p._replace(hidden=h + self.mlp(self.mlp_norm(h), experts, p.rows))
         # a Flextron sub-network (training): each branch on the chosen first units, times its gate
@@ -50,6 +54,17 @@ class TransformerBlock(nn.Module):
         h = p.hidden + branch(attn, (p.hidden, cos, sin), heads_choice, heads_gate, self.head_groups)
         mlp = lambda x, width: self.mlp(self.mlp_norm(x), width=width)  # noqa: E731
         return p._replace(hidden=h + branch(mlp, (h,), mlp_choice, mlp_gate, self.mlp_widths))
+
+    @property
+    def _dense(self):
+        """`dense`, or its torch.compile'd form once `training.compile` set one (fused.compile_blocks)."""
+        return self.__dict__.get("compiled_dense", self.dense)
+
+    def dense(self, x, cos, sin):
+        """The plain block on plain tensors (no payload, cache or sub-network): what torch.compile
+        compiles, since dynamo cannot trace the Payload NamedTuple (an internal error in torch 2.11)."""
+        h = x + self.attn(self.attn_norm(x), (cos, sin))
+        return h + self.mlp(self.mlp_norm(h))
 
     def new_cache(self, batch: int, max_len: int, *, dtype, device):
         from pretrain.models.attention import KVCache

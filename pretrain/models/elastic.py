@@ -27,6 +27,7 @@ class ElasticState(NamedTuple):
     heads: torch.Tensor | None = None  # [b, L] host long: chosen index into the query-group counts
     mlp_gate: torch.Tensor | None = None  # [b, L] straight-through gates (value 1)
     heads_gate: torch.Tensor | None = None
+    budget_loss: torch.Tensor | None = None  # [] the router's budget penalty of this micro-batch (router.py)
 
 
 def local_widths(widths: list[int], tp_size: int) -> list[int]:

@@ -3,19 +3,23 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from pretrain.models import fused as fused_ops
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * w, computed in fp32. Replicated on every tensor-parallel rank."""
+    """x / rms(x) * w, computed in fp32. Replicated on every tensor-parallel rank.
+    fused: one compiled kernel when training on a GPU (pretrain/models/fused.py)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, fused: bool = False):
         super().__init__()
         self.eps = eps
+        self.fused = fused
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+        fn = fused_ops.fused(fused_ops.rms_norm, x) if self.fused else fused_ops.rms_norm
+        return fn(x, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -37,8 +41,7 @@ class Rotary(nn.Module):
         return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [b, h, s, hd]; rotate pairs (i, i + hd/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).type_as(x)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """x [b, h, s, hd]; rotate pairs (i, i + hd/2). fused: one compiled kernel when training on a GPU."""
+    fn = fused_ops.fused(fused_ops.rotary, x, cos) if fused else fused_ops.rotary
+    return fn(x, cos, sin)

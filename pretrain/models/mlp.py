@@ -5,10 +5,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pretrain.models import fused as fused_ops
+
 
 class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int, *, spec, init_std: float, out_std: float, elastic: bool = False):
+    def __init__(self, d_model: int, hidden: int, *, spec, init_std: float, out_std: float, elastic: bool = False,
+                 fused: bool = False):
         super().__init__()
+        self.fused = fused  # silu(gate) * up as one compiled kernel in training (pretrain/models/fused.py)
         # gate and up are separate column linears so each TP shard holds matching neuron rows
         # (neuron i's gate row, up row and down column live on the same rank).
         self.gate = spec.column(d_model, hidden, init_std=init_std)
@@ -30,7 +34,8 @@ class SwiGLU(nn.Module):
             return row_slice(z, self.down.weight, width)
         if experts is not None and experts.ready:
             return experts.decode(x)
-        z = F.silu(self.gate(x)) * self.up(x)
+        g, u = self.gate(x), self.up(x)
+        z = fused_ops.fused(fused_ops.swiglu, g, u)(g, u) if self.fused else fused_ops.swiglu(g, u)
         if experts is not None:
             experts.observe(z, rows)
         return self.down(z)

@@ -51,7 +51,7 @@ class Embedding(nn.Module):
 class FinalNorm(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, fused=cfg.fused_kernels)
 
     def forward(self, p: Payload) -> Payload:
         return p._replace(hidden=self.norm(p.hidden))
@@ -137,9 +137,12 @@ class Network(nn.Module):
                 p = self.router(p)
         if targets is None:
             return p.hidden
-        from parallel.tensor_parallel import vocab_parallel_cross_entropy
+        if self.cfg.cross_entropy == "chunked":  # fp32 one chunk of tokens at a time (no fp32 logits copy)
+            from parallel.chunked_cross_entropy import chunked_vocab_cross_entropy as cross_entropy
+        else:
+            from parallel.tensor_parallel import vocab_parallel_cross_entropy as cross_entropy
 
-        return vocab_parallel_cross_entropy(p.hidden, targets).mean()
+        return cross_entropy(p.hidden, targets).mean()
 
     @staticmethod
     def payload(tokens: torch.Tensor, *, start_pos: int | torch.Tensor = 0, **fields) -> Payload:

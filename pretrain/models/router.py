@@ -136,7 +136,8 @@ class Router(nn.Module):
         sub = (~full_dev).float()  # means over the sub-network rows, without a data-dependent shape (no sync)
         self.cost_ratio = ((ratio * sub).sum() / sub.sum()).detach()
         self.budget_loss = (F.relu((ratio - 1).abs() - self.tolerance) * sub).sum() / sub.sum()
-        return p._replace(elastic=st._replace(mlp=mi.cpu(), heads=hi.cpu(), mlp_gate=m_gate, heads_gate=h_gate))
+        return p._replace(elastic=st._replace(mlp=mi.cpu(), heads=hi.cpu(), mlp_gate=m_gate, heads_gate=h_gate,
+                                              budget_loss=self.budget_loss))
 
     @torch.no_grad()
     def static_choice(self, budget: float) -> tuple[list[int], list[int]]:

@@ -113,3 +113,6 @@ def main(folder: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    from parallel.distributed import destroy_distributed
+
+    destroy_distributed()  # process groups torn down before the interpreter (else gloo's threads may abort the exit)

@@ -1,6 +1,6 @@
 """torchrun worker: Flextron under tensor parallelism. For a static and an adaptive router at budget
 0.5 with a seeded Gumbel sample: loss, logical gradients, the per-rank choices and router gradients
-(to compare across ranks), and the vocab-parallel KL. Usage: elastic_worker.py OUT.pt"""
+(to compare across ranks), and the vocab-parallel KL with its gradient. Usage: elastic_worker.py OUT.pt"""
 import os
 import sys
 
@@ -55,10 +55,17 @@ def main(out: str) -> None:
     s, t = torch.randn(2, 5, 40, generator=torch.Generator().manual_seed(4)), torch.randn(2, 5, 40)
     shard = 40 // layout.tp_size
     local = lambda z: z[..., layout.tp_rank * shard:(layout.tp_rank + 1) * shard]  # noqa: E731
-    results["kl"] = vocab_parallel_kl(local(s), local(t), 2.0)
+    student = local(s).requires_grad_()
+    results["kl"] = vocab_parallel_kl(student, local(t), 2.0)
+    results["kl"].sum().backward()  # each shard's gradient, joined: the full vocabulary's
+    results["kl_grad"] = torch.cat(gather(student.grad), dim=-1)
+    results["kl"] = results["kl"].detach()
     if layout.rank == 0:
         torch.save(results, out)
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    from parallel.distributed import destroy_distributed
+
+    destroy_distributed()  # process groups torn down before the interpreter (else gloo's threads may abort the exit)

@@ -12,6 +12,7 @@ boundary) and ternary HGRN-Bit.
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -24,22 +25,41 @@ MODELS = {
     # the level opens on stage 0 and closes on stage 1 (the cost partition over 2 stages)
     "subllm": dict(arch="subllm", structure="TT(TTTT)TT", init_std=0.1),
     "hgrnbit": dict(arch="hgrnbit", structure="HHHH", linear="ternary", quantize_head=False),
+    # Flextron: an adaptive router after block 0 (on stage 0), per-row choices; sampled budgets (some
+    # micro-batches full, some not) and distillation from a teacher of other weights
+    "flextron": dict(structure="TTTT", n_heads=8, n_kv_heads=4, elastic=dict(
+        enabled=True, neuron_granularity=8, ffn_fractions=[1.0, 0.75, 0.5, 0.25], head_fractions=[1.0, 0.5],
+        budgets=[0.25, 0.5, 0.75], router="adaptive", router_after=1)),
 }
 MICRO, SEQS = 2, 8
 
 
 def config(extra: dict) -> ModelConfig:
-    return ModelConfig(d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=256, seq_len=16,
-                       **{"tie_embeddings": False, **extra})
+    return ModelConfig(**{"d_model": 64, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 96, "vocab_size": 256,
+                          "seq_len": 16, "tie_embeddings": False, **extra})
 
 
-def network(cfg: ModelConfig):
+def network(cfg: ModelConfig, seed: int = 0):
     from pretrain.models import build_network
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = build_network(cfg)
     net.set_step(10**6)  # SUBLLM: the bypass floor at its end value
+    if net.router is not None and net.router.adapt is not None:  # choices that depend on the input
+        torch.nn.init.normal_(net.router.adapt[-1].weight, generator=torch.Generator().manual_seed(3), std=2.0)
     return net
+
+
+def elastic_training(cfg: ModelConfig, net, dp_rank: int):
+    """Flextron's training objective with its frozen teacher (other weights than the student's)."""
+    from types import SimpleNamespace
+
+    from pretrain.arch_config import ElasticTrainingConfig
+    from pretrain.elastic_training import ElasticTraining
+
+    run = SimpleNamespace(model=cfg, training=SimpleNamespace(seed=5, elastic=ElasticTrainingConfig(
+        enabled=True, full_prob=0.3, distill_weight=0.5, distill_temperature=2.0)))
+    return ElasticTraining(run, net, dp_rank=dp_rank, teacher=network(cfg, seed=1))
 
 
 def batch(cfg: ModelConfig) -> torch.Tensor:
@@ -51,12 +71,32 @@ def reference(out: str) -> None:
     results = {}
     for name, extra in MODELS.items():
         cfg = config(extra)
-        net = network(cfg)
-        net.set_grad_accum(SEQS // MICRO)  # one step of 4 micro-batches
-        loss = torch.stack([net(b[:, :-1], b[:, 1:]) for b in batch(cfg).split(MICRO)]).mean()
-        loss.backward()
-        results[name] = {"loss": loss.item(), "grads": {n: p.grad for n, p in net.named_parameters()}}
+        for dp in (1, 2) if "elastic" in extra else (1,):  # (a DP rank samples its own budgets)
+            net = network(cfg)
+            net.set_grad_accum(SEQS // MICRO)  # one step of 4 micro-batches
+            losses, budgets = [], []
+            for i, b in enumerate(batch(cfg).split(MICRO)):
+                if "elastic" in extra:  # DP rank i // per-rank micro-batches, its micro-batch i % that
+                    et = elastic_training(cfg, net, dp_rank=i // (SEQS // MICRO // dp))
+                    budgets.append(et.sample(0, i % (SEQS // MICRO // dp), MICRO, net)[0])
+                    losses.append(et.loss(SimpleEngine(net), b[:, :-1], b[:, 1:], 0, i % (SEQS // MICRO // dp)))
+                else:
+                    losses.append(net(b[:, :-1], b[:, 1:]))
+            loss = torch.stack(losses).mean()
+            loss.backward()
+            results[name if dp == 1 else f"{name}_dp{dp}"] = {
+                "loss": loss.item(), "grads": {n: p.grad for n, p in net.named_parameters()}, "budgets": budgets}
     torch.save(results, f"{out}/ref.pt")
+
+
+class SimpleEngine:
+    """What ElasticTraining.loss asks of an engine: `module`, and calling it."""
+
+    def __init__(self, net):
+        self.module = net
+
+    def __call__(self, *a, **k):
+        return self.module(*a, **k)
 
 
 def joined(t: torch.Tensor, param, group) -> torch.Tensor:
@@ -74,7 +114,6 @@ def pipelined(out: str, tp: int, zero: int) -> None:
     import deepspeed
     from megatron.core import parallel_state as ps
 
-    from parallel.pipeline import Pipeline
     from pretrain import pipeline as pl
 
     world = int(os.environ["WORLD_SIZE"])
@@ -86,8 +125,10 @@ def pipelined(out: str, tp: int, zero: int) -> None:
         cfg = config(extra)
         net = network(cfg)
         net.set_grad_accum(SEQS // MICRO // dp)
-        module = Pipeline(pl.pipeline_layers(net), costs=pl.layer_costs(cfg), blocks=pl.block_mask(net),
-                          names=pl.layer_names(net), method="cost", loss_fn=pl.loss_fn)
+        et = elastic_training(cfg, net, layout.dp_rank) if "elastic" in extra else None
+        run = SimpleNamespace(model=cfg, parallel=SimpleNamespace(pipeline_partition="cost"))
+        module = pl.build_pipeline(net, run, teacher=et and et.teacher, objective=et and et.pipelined)
+        key = name if dp == 1 or et is None else f"{name}_dp{dp}"
         before = {n: p.detach().clone() for n, p in net.named_parameters()}
         engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0), mpu=None,
@@ -96,24 +137,26 @@ def pipelined(out: str, tp: int, zero: int) -> None:
                     "zero_allow_untested_optimizer": True,
                     "pipeline": {"pipe_partitioned": False, "grad_partitioned": False}})
         share = batch(cfg).chunk(dp)[layout.dp_rank]  # this DP rank's sequences
-        loss = engine.train_batch(data_iter=iter([(pl.inputs(b[:, :-1]), b[:, 1:]) for b in share.split(MICRO)]))
+        sample = (lambda micro, rows: et.sample(0, micro, rows, net)) if et else None  # noqa: E731
+        loss = pl.train_batch(engine, iter(share.split(MICRO)), SEQS // MICRO // dp, sample)
         # the parameters this stage holds (a tied embedding on both ends): change = -gradient
         names = {id(p): n for n, p in net.named_parameters()}
         gap, held = 0.0, set()
         for p in module.parameters():
             n = names[id(p)]
             change = joined(before[n] - p.detach(), p, ps.get_tensor_model_parallel_group())
-            gap = max(gap, (change - ref[name]["grads"][n]).abs().max().item())
+            gap = max(gap, (change - ref[key]["grads"][n]).abs().max().item())
             held.add(n)
         everyone = [None] * world
         dist.all_gather_object(everyone, (layout.pp_rank, gap, sorted(held)))
         results[name] = {
-            "loss": float(loss), "ref_loss": ref[name]["loss"], "grad_gap": max(g for _, g, _ in everyone),
-            "covered": sorted(set().union(*(h for _, _, h in everyone))) == sorted(ref[name]["grads"]),
+            "loss": float(loss), "ref_loss": ref[key]["loss"], "grad_gap": max(g for _, g, _ in everyone),
+            "covered": sorted(set().union(*(h for _, _, h in everyone))) == sorted(ref[key]["grads"]),
+            "budgets": ref[key]["budgets"],
             "tied_on_both": "layers.0.tok.weight" in everyone[0][2] and all(
                 "layers.0.tok.weight" in h for s, _, h in everyone if s == 1) if cfg.tie_embeddings else None,
             "parts": [int(x) for x in module.parts],
-            "grad_scale": max(g.abs().max().item() for g in ref[name]["grads"].values()),
+            "grad_scale": max(g.abs().max().item() for g in ref[key]["grads"].values()),
         }
         del engine, module
     if layout.rank == 0:

@@ -1,6 +1,6 @@
 """Flextron under TP: TP=2 == TP=1 at a given budget (loss, every logical gradient) for a static
 router, an adaptive one and a SUBLLM model; every TP rank applies the same choice to a micro-batch;
-router gradients are identical on all ranks; the vocab-parallel KL equals TP=1's."""
+router gradients are identical on all ranks; the vocab-parallel KL and its gradient equal TP=1's."""
 from pathlib import Path
 
 import torch
@@ -30,3 +30,5 @@ def test_elastic_tp2_matches_tp1(tmp_path):
         assert a["grads"]["router.mlp_logits"].abs().sum() > 0
     assert len({tuple(r) for r in tp1["adaptive"]["mlp"].tolist()}) > 1, "adaptive rows should differ"
     torch.testing.assert_close(tp1["kl"], tp2["kl"], rtol=1e-5, atol=1e-6)
+    # the gradient too: each shard's, not weighted by its share of the teacher's mass
+    torch.testing.assert_close(tp1["kl_grad"], tp2["kl_grad"], rtol=1e-5, atol=1e-7)

@@ -121,3 +121,6 @@ def gather_dim1(t: torch.Tensor, group) -> torch.Tensor:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    from parallel.distributed import destroy_distributed
+
+    destroy_distributed()  # process groups torn down before the interpreter (else gloo's threads may abort the exit)

@@ -41,3 +41,6 @@ def main(data: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    from parallel.distributed import destroy_distributed
+
+    destroy_distributed()  # process groups torn down before the interpreter (else gloo's threads may abort the exit)

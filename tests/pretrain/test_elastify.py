@@ -152,6 +152,23 @@ def test_cli_flextron_end_to_end(tiny_data, tmp_path, capsys):
     assert res.returncode == 0, res.stdout[-3000:]
     rows = [json.loads(line) for line in (el / "metrics.jsonl").read_text().splitlines()]
     assert "val_loss_budget_0.5" in rows[-1] and any("elastic/kl" in r for r in rows)
+    # the same at PP=2 (the router on stage 0, the teacher stage by stage): the same steps, budgets,
+    # losses and metrics, logged from the last stage's objective
+    pp = tmp_path / "el_pp"
+    res = cli("train", "--config", TINY_CONFIG, *tiny_overrides(tiny_data, pp, **{
+        "training.steps": 3, "checkpoint.every": 3, "training.eval_every": 3, "model.n_kv_heads": 4,
+        "parallel.pipeline": 2}), *elastic, "training.elastic.enabled=true", f"checkpoint.init_from={out}",
+        "tracking.enabled=false", nproc=2)
+    assert res.returncode == 0 and "x pp 2" in res.stdout, res.stdout[-3000:]
+    pp_rows = [json.loads(line) for line in (pp / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(r) for r in pp_rows] == [sorted(r) for r in rows]
+    for a, b in zip(pp_rows, rows):
+        for key in a:
+            if key.startswith(("loss", "val_loss", "elastic/", "grad_norm", "lr")):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    pp_sub = tmp_path / "pp_sub"  # the stages' layer files and the router merged for export
+    res = cli("export", "--checkpoint", str(pp), "--budget", "0.5", "--out", str(pp_sub))
+    assert res.returncode == 0 and "MLP widths [32, 32]" in res.stdout, res.stdout[-3000:]
     res = cli("export", "--checkpoint", str(el), "--budget", "0.5", "--out", str(sub))
     assert res.returncode == 0 and "MLP widths [32, 32]" in res.stdout, res.stdout[-3000:]
     x = calib[0][:2]

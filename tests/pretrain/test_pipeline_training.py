@@ -1,15 +1,17 @@
 """`python -m pretrain train` with parallel.pipeline=2 (two processes, gloo), SUBLLM with tied
-embeddings: every step's loss, LR, grad norm and val loss equal the one-process run's; a resume from
+embeddings: every step's loss, LR, grad norm and val loss (top-k and the inference rule's) equal the
+one-process run's; a resume from
 the step-3 checkpoint equals the uninterrupted pipeline run bit for bit; `generate` on the pipeline
-checkpoint (its stages' layer files merged) writes the one-process checkpoint's text; bad layouts
-are refused before any process group starts."""
+checkpoint (its stages' layer files merged) writes the one-process checkpoint's text; a non-finite
+loss skips its step under ZeRO-1 and stops ZeRO-0 with a clear error; bad layouts are refused before
+any process group starts."""
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_CONFIG, cli, tiny_overrides
+from tests.helpers import TINY_CONFIG, cli, tiny_overrides, worker
 
 SUBLLM = {"model.arch": "subllm", "model.structure": "TT(TT)TT", "model.init_std": 0.1, "training.steps": 6,
           "checkpoint.every": 3, "training.eval_every": 3, "tracking.enabled": "false"}
@@ -33,8 +35,8 @@ def test_pp2_trains_resumes_and_generates_like_one_process(tiny_data, tmp_path):
     pp, one = metrics(tmp_path / "pp"), metrics(tmp_path / "one")
     assert sorted(pp) == sorted(one) == list(range(1, 7))
     for step in pp:
-        for key in ("loss", "lr", "grad_norm", "val_loss"):
-            want = one[step].get(key)  # (val_loss only every 3 steps)
+        for key in ("loss", "lr", "grad_norm", "val_loss", "val_loss_threshold"):
+            want = one[step].get(key)  # (validation only every 3 steps)
             assert pp[step].get(key) == (want if want is None else pytest.approx(want, rel=1e-6)), (step, key)
 
     # resume the pipeline run from its step-3 checkpoint: steps 4-6 exactly as uninterrupted
@@ -73,3 +75,14 @@ def test_bad_pipeline_layouts_are_refused(tiny_data, tmp_path, extra, message):
     res = cli("train", "--config", TINY_CONFIG, *tiny_overrides(tiny_data, tmp_path / "run", **{**SUBLLM, **extra}))
     assert res.returncode == 2 and message in res.stdout, res.stdout[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_nonfinite_loss_under_pp(tiny_data, tmp_path):
+    script = Path(__file__).with_name("pipeline_skip_worker.py")
+    worker(script, str(tiny_data), str(tmp_path / "z1"), "1", nproc=2, timeout=300)
+    r = json.loads((tmp_path / "z1" / "result.json").read_text())
+    assert r["poisoned"] == {"skipped": 1.0} and r["untouched"] and r["lr_moved"], r
+    assert r["consumed"] == 3 * 8 and all(v == v for v in r["after"].values()), r  # (no NaN after it)
+    worker(script, str(tiny_data), str(tmp_path / "z0"), "0", nproc=2, timeout=300)
+    r = json.loads((tmp_path / "z0" / "result.json").read_text())
+    assert "cannot skip it; stage 1 does" in r["poisoned"]["error"], r
