@@ -65,6 +65,17 @@ class VocabEmbedding(mtp.VocabParallelEmbedding):
                          tp_group=ps.get_tensor_model_parallel_group())
 
 
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, kind: str = "megatron") -> torch.Tensor:
+    """Per-token loss from vocab-sharded logits by `model.cross_entropy`: megatron-core's ("megatron")
+    or token-chunked ("chunked", parallel/chunked_cross_entropy.py). Every loss (the plain network,
+    the pipeline's last stage, Flextron's objective) goes through here."""
+    if kind == "chunked":
+        from parallel.chunked_cross_entropy import chunked_vocab_cross_entropy
+
+        return chunked_vocab_cross_entropy(logits, targets)
+    return vocab_parallel_cross_entropy(logits, targets)
+
+
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token loss from vocab-sharded logits, without gathering the full vocabulary. megatron-core's
     function overwrites its input (max-subtracted, exponentiated) to save memory; fp32 logits are

@@ -24,6 +24,7 @@ class ElasticTraining:
         self.seed, self.dp_rank = cfg.training.seed, dp_rank
         model.router.tolerance, model.router.tau = self.t.budget_tolerance, self.t.gumbel_temperature
         self.cost = model.router.cost
+        self.ce_kind = cfg.model.cross_entropy
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.stats: dict[str, list[torch.Tensor]] = {}
 
@@ -63,9 +64,9 @@ class ElasticTraining:
                   budget_loss: torch.Tensor | None, cost_ratio: torch.Tensor | None) -> torch.Tensor:
         """CE + w_kd · T² · KL(teacher ‖ student) + w_budget · L_budget of one micro-batch's vocab-sharded
         logits (the same whether the network ran in one piece or as pipeline stages)."""
-        from parallel.tensor_parallel import vocab_parallel_cross_entropy, vocab_parallel_kl
+        from parallel.tensor_parallel import cross_entropy, vocab_parallel_kl
 
-        ce = vocab_parallel_cross_entropy(logits, targets).mean()
+        ce = cross_entropy(logits, targets, self.ce_kind).mean()
         loss = ce
         self._note(f"ce_budget_{budget:g}", ce)
         if teacher is not None:

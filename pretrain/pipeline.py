@@ -83,8 +83,8 @@ def unpack(t: tuple[torch.Tensor, ...], rotary: Rotary | None, at: Boundary = Bo
                          kept=ints[2 + 2 * i], weight=floats[2 + 2 * i]) for i in range(n))
     more_f, more_i = floats[1 + 2 * n:], ints[1 + 2 * n:]
     elastic = None
-    if at.elastic == 1 and more_f:
-        elastic = ElasticState(budget=more_f[0], noise=more_f[1] if len(more_f) > 1 else None)
+    if at.elastic == 1:
+        elastic = _budget_state(more_f)
     elif at.elastic == 2:
         elastic = ElasticState(budget=None, mlp=more_i[0], heads=more_i[1], mlp_gate=more_f[0], heads_gate=more_f[1],
                                budget_loss=more_f[2])
@@ -95,6 +95,11 @@ def unpack(t: tuple[torch.Tensor, ...], rotary: Rotary | None, at: Boundary = Bo
         teacher, _ = unpack(tuple(x.view(_AS_FLOAT.get(x.dtype, x.dtype)) for x in more_i), rotary,
                             Boundary(levels=n))
     return p, teacher
+
+
+def _budget_state(extra) -> ElasticState | None:
+    """Before the router: (budget[, noise]) -> ElasticState; none (the full model) -> None."""
+    return ElasticState(budget=extra[0], noise=extra[1] if len(extra) > 1 else None) if extra else None
 
 
 class StageLayer(nn.Module):
@@ -117,8 +122,7 @@ class StageLayer(nn.Module):
         teach = self._teacher is not None and self.training
         if isinstance(self.layer, Embedding):
             tokens, positions, *elastic = t
-            state = ElasticState(budget=elastic[0], noise=elastic[1] if len(elastic) > 1 else None) if elastic else None
-            p = Payload(hidden=tokens, positions=positions, elastic=state)
+            p = Payload(hidden=tokens, positions=positions, elastic=_budget_state(elastic))
             tp = Payload(hidden=tokens, positions=positions) if teach else None
         else:
             p, tp = unpack(t, self._rotary[0], self.at_in._replace(teacher=teach))
@@ -187,14 +191,15 @@ def inputs(tokens: torch.Tensor, elastic: ElasticState | None = None) -> tuple[t
     return (p.hidden, p.positions.contiguous(), *extra)
 
 
-def loss_fn(outputs: tuple[torch.Tensor, ...], labels, *, end: Boundary = Boundary(), objective=None) -> torch.Tensor:
+def loss_fn(outputs: tuple[torch.Tensor, ...], labels, *, end: Boundary = Boundary(), objective=None,
+            kind: str = "megatron") -> torch.Tensor:
     """The last stage's loss. Validation, or no `objective`: the mean token cross-entropy of the
     vocab-sharded logits. Flextron's training (labels: targets and the budget): `objective(logits,
     teacher logits, ElasticState, targets, budget)` (elastic_training.ElasticTraining.pipelined)."""
-    from parallel.tensor_parallel import vocab_parallel_cross_entropy
+    from parallel.tensor_parallel import cross_entropy
 
-    if objective is None or torch.is_tensor(labels):
-        return vocab_parallel_cross_entropy(outputs[0], labels if torch.is_tensor(labels) else labels[0]).mean()
+    if objective is None or torch.is_tensor(labels):  # (kind: model.cross_entropy)
+        return cross_entropy(outputs[0], labels if torch.is_tensor(labels) else labels[0], kind).mean()
     targets, budget = labels
     p, teacher = unpack(outputs, None, end)
     return objective(p.hidden, None if teacher is None else teacher.hidden, p.elastic, targets, budget.item())
@@ -251,7 +256,7 @@ def build_pipeline(net: Network, cfg, teacher: Network | None = None, objective=
     end = boundaries(net, teacher is not None)[-1]
     pipe = Pipeline(pipeline_layers(net, teacher), costs=layer_costs(cfg.model), blocks=block_mask(net),
                     names=layer_names(net), method=cfg.parallel.pipeline_partition,
-                    loss_fn=functools.partial(loss_fn, end=end, objective=objective))
+                    loss_fn=functools.partial(loss_fn, end=end, objective=objective, kind=cfg.model.cross_entropy))
     if net.router is not None and net.router_at >= pipe.parts[1]:
         raise ConfigError(f"model.elastic.router_after={cfg.model.elastic.router_after}: the Flextron router runs "
                           f"after layer {net.router_at}, past the first pipeline stage (layers 0-{pipe.parts[1] - 1}); "

@@ -1,6 +1,8 @@
 """Causal self-attention with GQA, RoPE and an optional ragged KV cache, through PyTorch SDPA."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -184,9 +186,7 @@ class Attention(nn.Module):
                 mask = torch.ones(s, first + s, dtype=torch.bool, device=x.device).tril(diagonal=first)
                 causal = False
         gqa = heads != kv_heads
-        if self.backend != "auto" and cache is None and x.is_cuda:  # training / plain forward on a GPU
-            with sdpa_kernel(_BACKENDS[self.backend]):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-        else:
+        pick = self.backend != "auto" and cache is None and x.is_cuda  # training / plain forward on a GPU
+        with sdpa_kernel(_BACKENDS[self.backend]) if pick else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return o_proj(out.transpose(1, 2).reshape(b, s, heads * self.head_dim))

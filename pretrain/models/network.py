@@ -137,12 +137,9 @@ class Network(nn.Module):
                 p = self.router(p)
         if targets is None:
             return p.hidden
-        if self.cfg.cross_entropy == "chunked":  # fp32 one chunk of tokens at a time (no fp32 logits copy)
-            from parallel.chunked_cross_entropy import chunked_vocab_cross_entropy as cross_entropy
-        else:
-            from parallel.tensor_parallel import vocab_parallel_cross_entropy as cross_entropy
+        from parallel.tensor_parallel import cross_entropy
 
-        return cross_entropy(p.hidden, targets).mean()
+        return cross_entropy(p.hidden, targets, self.cfg.cross_entropy).mean()
 
     @staticmethod
     def payload(tokens: torch.Tensor, *, start_pos: int | torch.Tensor = 0, **fields) -> Payload:

@@ -74,10 +74,11 @@ def reference(out: str) -> None:
         for dp in (1, 2) if "elastic" in extra else (1,):  # (a DP rank samples its own budgets)
             net = network(cfg)
             net.set_grad_accum(SEQS // MICRO)  # one step of 4 micro-batches
-            losses, budgets = [], []
+            losses, budgets, per_rank = [], [], {}
             for i, b in enumerate(batch(cfg).split(MICRO)):
                 if "elastic" in extra:  # DP rank i // per-rank micro-batches, its micro-batch i % that
-                    et = elastic_training(cfg, net, dp_rank=i // (SEQS // MICRO // dp))
+                    rank = i // (SEQS // MICRO // dp)
+                    et = per_rank.setdefault(rank, elastic_training(cfg, net, dp_rank=rank))
                     budgets.append(et.sample(0, i % (SEQS // MICRO // dp), MICRO, net)[0])
                     losses.append(et.loss(SimpleEngine(net), b[:, :-1], b[:, 1:], 0, i % (SEQS // MICRO // dp)))
                 else:

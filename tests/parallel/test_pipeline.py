@@ -116,3 +116,23 @@ def test_cost_partition_gives_subsampled_stages_more_blocks():
     assert partition(head_heavy, [False, True, True, False, False], 2, "cost", [1] * 5) == [0, 2, 5]
     with pytest.raises(ValueError, match="3 pipeline stages for 2 blocks"):
         partition(head_heavy, [False, True, True, False, False], 3, "cost", [1] * 5)
+
+
+def test_last_stage_loss_follows_model_cross_entropy(monkeypatch):
+    """The pipeline's loss goes through parallel.tensor_parallel.cross_entropy like the network's:
+    `model.cross_entropy: chunked` reaches the last stage too (its function called, the same value)."""
+    import parallel.chunked_cross_entropy as chunked
+    from parallel.distributed import local_world
+    from pretrain.pipeline import loss_fn
+
+    calls = []
+    real = chunked.chunked_vocab_cross_entropy
+    monkeypatch.setattr(chunked, "chunked_vocab_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(2, 5, 33, generator=g), torch.randint(0, 33, (2, 5), generator=g)
+    with local_world():
+        a = loss_fn((logits,), targets, kind="megatron")
+        assert calls == []
+        b = loss_fn((logits,), targets, kind="chunked")
+        assert calls == [1]
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
