@@ -197,26 +197,27 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 def check_compatible(meta: dict[str, Any], model_cfg: dict[str, Any], parallel_cfg: dict[str, Any],
                      path: Path) -> None:
-    """Refuse a checkpoint of another architecture or shape, naming every differing field."""
+    """Refuse a checkpoint of another architecture or shape, naming every differing field, and a
+    layout change the checkpoint cannot make. `parallel_cfg`: the run's `parallel` settings and its
+    `dp_size`. Under ZeRO >= 1 any TP x PP x DP size (and ZeRO stage 1-3) goes: the shards are re-cut
+    through a universal checkpoint (pretrain/universal.py). A ZeRO-0 checkpoint keeps its TP and PP
+    sizes (its optimizer state is cut by them, and the converter reads ZeRO shards only); it changes
+    DP size without PP only (its state is whole in every file)."""
     check_model(meta, model_cfg, path)
-    saved_tp, stage = meta["config"]["parallel"]["tensor"], meta["config"]["parallel"]["zero_stage"]
-    saved_pp, pp = meta["config"]["parallel"].get("pipeline", 1), parallel_cfg.get("pipeline", 1)
-    if saved_pp != pp:
-        raise CheckpointError(f"checkpoint {path} was written at parallel.pipeline={saved_pp}, this run uses "
-                              f"parallel.pipeline={pp}; resume with the same pipeline-parallel size")
-    if pp > 1 and (saved_tp, meta["dp_size"]) != (parallel_cfg["tensor"], parallel_cfg["dp_size"]):
-        raise CheckpointError(
-            f"checkpoint {path} was written at parallel.tensor={saved_tp} x {meta['dp_size']} data-parallel "
-            f"ranks, this run uses {parallel_cfg['tensor']} x {parallel_cfg['dp_size']}: under pipeline "
-            "parallelism a resume keeps the whole layout")
-    if saved_tp != parallel_cfg["tensor"] and stage == 0:
-        raise CheckpointError(
-            f"checkpoint {path} has parallel.tensor={saved_tp} shards, this run uses "
-            f"parallel.tensor={parallel_cfg['tensor']}: a ZeRO-0 checkpoint resumes only at the same "
-            "tensor-parallel size (another TP size goes through a universal checkpoint, which needs "
-            "parallel.zero_stage >= 1 when the checkpoint is written)")
-    # another data-parallel size (any stage), or tensor-parallel size (ZeRO >= 1): the shards are
-    # re-cut through a universal checkpoint (pretrain/universal.py); ZeRO-0's optimizer state is whole
+    saved = {**meta["config"]["parallel"], "dp_size": meta["dp_size"]}
+    saved.setdefault("pipeline", 1)
+    run = {"pipeline": 1, **parallel_cfg}
+    layout = "parallel.tensor={tensor} x parallel.pipeline={pipeline} x {dp_size} data-parallel ranks, zero_stage={zero_stage}"
+    where = (f"checkpoint {path} was written at {layout.format(**saved)}; this run uses {layout.format(**run)}")
+    if (saved["zero_stage"] == 0) != (run["zero_stage"] == 0):
+        raise CheckpointError(f"{where}: resuming between ZeRO-0 and a ZeRO stage >= 1 is not supported "
+                              "(the optimizer state is saved in other files): resume at the saved zero_stage")
+    if saved["zero_stage"] == 0 and (saved["tensor"] != run["tensor"] or saved["pipeline"] != run["pipeline"]
+                                     or (saved["dp_size"] != run["dp_size"] and run["pipeline"] > 1)):
+        raise CheckpointError(f"{where}: a ZeRO-0 checkpoint resumes only at the same tensor- and pipeline-"
+                              "parallel sizes (and, under pipeline parallelism, data-parallel size); another "
+                              "layout goes through a universal checkpoint, which needs parallel.zero_stage >= 1 "
+                              "when the checkpoint is written")
 
 
 def check_model(meta: dict[str, Any], model_cfg: dict[str, Any], path: Path, ignore: tuple[str, ...] = ()) -> None:
@@ -346,7 +347,9 @@ def load(engine, path: Path, *, rank: int, universal: bool = False) -> dict[str,
     config.load_universal_checkpoint = universal  # read by load_checkpoint only: set for this load
     try:
         # universal loading calls torch.load itself
-        with safe_engine_loads(engine), safe_torch_load(), universal_loading() if universal else contextlib.nullcontext():
+        with (safe_engine_loads(engine), safe_torch_load(),
+              universal_loading() if universal else contextlib.nullcontext(),
+              universal_ckpt.network_names(engine) if universal else contextlib.nullcontext()):
             load_path, client = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                        load_lr_scheduler_states=True)
         rng_file = path / f"rng_rank{rank:05d}.pt"
@@ -459,8 +462,10 @@ def _read_module(file: Path, saved_tp: int) -> dict[str, Any]:
 def _read_stages(path: Path, tp_rank: int) -> dict[str, Any]:
     """One TP rank's module state from a pipeline-parallel checkpoint: DeepSpeed writes each layer of
     the flat list on its own (`layer_XX-model_YY-model_states.pt`, keys of pretrain/pipeline.py's
-    StageLayer: `layer.<name>`), which is the network's `layers.XX.<name>`. A tied head has no file
-    (its weight is the embedding's, layer 00)."""
+    StageLayer: `layer.<name>`, `router.<name>`), named as the network's (pipeline.network_name). A tied
+    head has no file (its weight is the embedding's, layer 00)."""
+    from pretrain.pipeline import network_name
+
     files = sorted(path.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt"))
     if not files:
         raise CheckpointError(f"{path}: no layer files of tensor-parallel rank {tp_rank} (a pipeline-parallel "
@@ -472,9 +477,7 @@ def _read_stages(path: Path, tp_rank: int) -> dict[str, Any]:
             state = safe_load(f, map_location="cpu")
         except (OSError, EOFError, RuntimeError, TypeError, pickle.UnpicklingError) as e:
             raise CheckpointError(f"cannot read the layer weights in {f}: {e!r}") from None
-        # (Flextron's router rides in the StageLayer after which it runs, `router.<name>`: the network's too)
-        out.update({k if k.startswith("router.") else f"layers.{idx}.{k.removeprefix('layer.')}": v
-                    for k, v in state.items()})
+        out.update({network_name(f"{idx}.{k}"): v for k, v in state.items()})
     return out
 
 

@@ -33,6 +33,8 @@ from pretrain.models.network import Embedding, Head, Network, Payload
 from pretrain.models.structure import BLOCKS, parse_structure
 from pretrain.models.subsample import Level, Subsample, Upsample
 
+TIED_KEY = "embed"  # the TiedLayerSpec key of a tied embedding and head
+
 
 class Boundary(NamedTuple):
     """What the tuple holds at one point of the layer list: fixed by the structure, so both sides
@@ -177,10 +179,26 @@ def pipeline_layers(net: Network, teacher: Network | None = None) -> list:
     head = layers[-1]
     if isinstance(head.layer, Head) and head.layer._tied:
         emb = layers[0]
-        layers[0] = TiedLayerSpec("embed", Prebuilt, emb, tied_weight_attr="layer.tok.weight")
-        layers[-1] = TiedLayerSpec("embed", Prebuilt, emb, forward_fn=functools.partial(_tied_head, head),
+        layers[0] = TiedLayerSpec(TIED_KEY, Prebuilt, emb, tied_weight_attr="layer.tok.weight")
+        layers[-1] = TiedLayerSpec(TIED_KEY, Prebuilt, emb, forward_fn=functools.partial(_tied_head, head),
                                    tied_weight_attr="layer.tok.weight")
     return layers
+
+
+def network_name(name: str) -> str:
+    """The Network's name of a pipeline parameter: DeepSpeed's PipelineModule names a layer's
+    parameters by its global index in the flat list (`7.layer.<name>`, whatever the stage), a tied
+    embedding by its key (`tied_modules.embed.layer.<name>`, layer 0), the router by the layer it
+    follows (`1.router.<name>`). One name per parameter at any pipeline size: what universal
+    checkpoints (pretrain/universal.py) and merged layer files (checkpoint._read_stages) are keyed by."""
+    head, _, rest = name.partition(".")
+    if head == "tied_modules":
+        key, _, rest = rest.partition(".")
+        assert key == TIED_KEY, name
+        head = "0"
+    owner, _, rest = rest.partition(".")
+    assert head.isdigit() and owner in ("layer", "router"), name
+    return f"router.{rest}" if owner == "router" else f"layers.{head}.{rest}"
 
 
 def inputs(tokens: torch.Tensor, elastic: ElasticState | None = None) -> tuple[torch.Tensor, ...]:

@@ -107,9 +107,8 @@ class Trainer:
         # the failed one's step
         self.fallback_horizon = ckpt.fallback_horizon(self.ckpt_dir, self.resume_from)
         if self.resume_from is not None:
-            parallel = {**cfg.parallel.model_dump(), "dp_size": self.dp_size}
-            ckpt.check_compatible(ckpt.read_meta(self.resume_from), cfg.model.model_dump(mode="json"), parallel,
-                                  self.resume_from)
+            ckpt.check_compatible(ckpt.read_meta(self.resume_from), cfg.model.model_dump(mode="json"),
+                                  self._parallel(), self.resume_from)
         self.init_from = None  # weights to start from (elastic continued training starts from elastify's output)
         if cfg.checkpoint.init_from:
             self.init_from = ckpt.find(cfg.checkpoint.init_from, key="checkpoint.init_from")
@@ -175,8 +174,8 @@ class Trainer:
         self.stop_agreed = False  # some rank received one: stop after this step
         run_id = None  # the MLflow run a resumed job appends to
         if self.resume_from is not None:
-            # written at another data- or tensor-parallel size under ZeRO >= 1: through a universal checkpoint
-            universal = needs_universal(ckpt.read_meta(self.resume_from), self.dp_size, self.layout.tp_size)
+            # written at another TP, PP or DP size (or ZeRO stage) under ZeRO >= 1: through a universal checkpoint
+            universal = needs_universal(ckpt.read_meta(self.resume_from), self._parallel())
             meta = ckpt.load(self.engine, self.resume_from, rank=self.layout.rank, universal=universal)
             self.step = meta["step"]
             self.skipped_steps = meta.get("skipped_steps", 0)
@@ -225,6 +224,10 @@ class Trainer:
                 f"{f' x pp {self.layout.pp_size}' if self.layout.pp_size > 1 else ''} | "
                 f"zero {cfg.parallel.zero_stage} | {'bf16' if self.bf16 else 'fp32'} on {self.device} | "
                 f"grad accum {self.grad_accum} | {where}")
+
+    def _parallel(self) -> dict[str, Any]:
+        """This run's layout, as a checkpoint's metadata records it."""
+        return {**self.cfg.parallel.model_dump(), "dp_size": self.dp_size}
 
     @staticmethod
     def _megatron_dp_group():

@@ -9,12 +9,24 @@ it for the current ranks. Rank 0 converts once, with the other ranks waiting, in
 `<step folder>/universal/` (built as `universal.partial`, then renamed: complete whenever it exists,
 reused by later resumes). The cache is a sub-folder of its checkpoint: the manifest (top-level files)
 does not list it and pruning deletes it with the checkpoint. ZeRO-0 needs none of this for a DP
-change (its optimizer state is whole) and cannot change TP (checkpoint.check_compatible refuses it).
-Pipeline-parallel size changes are not handled here.
+change (its optimizer state is whole) and cannot change TP or PP (checkpoint.check_compatible refuses it).
+
+Pipeline parallelism: the converter reads a PP checkpoint's ZeRO shards stage by stage, naming each
+parameter as the PipelineModule does (`7.layer.<name>`, `tied_modules.embed.layer.<name>`). Frugal
+keys the universal folder by the Network's names instead (`layers.7.<name>`, pipeline.network_name),
+the same at every pipeline size, so one conversion loads at any TP x PP x DP layout; a pipeline run
+looks its parameters up under those names (`network_names`). Two things the converter gets wrong
+for PP are fixed in its view of the files: it reads the TP layout maps from the first stage's
+model-state file only (each stage's describes its own parameters: it gets the union), and it would
+extract the tied embedding from both ends (it skips the copy on later stages).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import pickle
+import re
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +35,7 @@ from typing import Any
 import torch
 
 from pretrain.errors import CheckpointError
+from pretrain.pipeline import TIED_KEY, network_name
 from pretrain.safe_load import safe_load, safe_torch_load
 
 UNIVERSAL = "universal"  # sub-folder of a checkpoint: its DeepSpeed universal-checkpoint conversion
@@ -35,10 +48,11 @@ def to_universal(path: Path, *, workers: int = 1) -> Path:
     go through safe_torch_load here. `workers` > 1 forks extraction/merge processes (they inherit the
     safe torch.load)."""
     import argparse
-    import contextlib
     import io
 
     from deepspeed.checkpoint import ds_to_universal
+
+    from pretrain.checkpoint import read_meta
 
     out = path / UNIVERSAL
     if out.is_dir():
@@ -51,10 +65,11 @@ def to_universal(path: Path, *, workers: int = 1) -> Path:
                               inject_missing_state=True)  # older TP=1 checkpoints: nothing to join
     log = io.StringIO()
     try:
-        # the converter turns every module entry into an fp32 tensor, megatron's None `_extra_state`
-        # entries included (AttributeError): it reads the module without them
-        with safe_torch_load(transform=_tensors_only_module), contextlib.redirect_stdout(log):
+        view = functools.partial(_converter_view, layouts=_all_layouts(path))
+        with safe_torch_load(transform=view), contextlib.redirect_stdout(log):
             ds_to_universal.main(args)
+        if read_meta(path)["config"]["parallel"].get("pipeline", 1) > 1:
+            _rename_to_network(tmp / "zero")
     except pickle.UnpicklingError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{path}: refusing to load a checkpoint file that holds more than data: {e}") from None
@@ -81,17 +96,72 @@ def _check_layouts(path: Path) -> None:
                               "and tensor-parallel sizes")
 
 
-def _tensors_only_module(state):
-    if isinstance(state, dict) and isinstance(state.get("module"), dict):
+def _all_layouts(path: Path) -> dict[str, Any]:
+    """The union of the parameters' layout maps over the model-state files (one per TP rank and PP
+    stage, each describing its own stage's parameters; parallel/universal_layout.py)."""
+    from deepspeed.checkpoint.constants import AFFINE_MAP, AFFINE_MAP_PARAMS, UNIVERSAL_CHECKPOINT_INFO
+
+    info = None
+    for f in sorted(path.glob("mp_rank_*_model_states.pt")):
+        own = safe_load(f, map_location="cpu").get(UNIVERSAL_CHECKPOINT_INFO)
+        if own is None:
+            continue
+        if info is None:
+            info = copy.deepcopy(own)
+        elif AFFINE_MAP in own:
+            info[AFFINE_MAP][AFFINE_MAP_PARAMS].update(own[AFFINE_MAP][AFFINE_MAP_PARAMS])
+    return info
+
+
+def _converter_view(state, *, layouts):
+    """What the converter reads of each file: megatron's None `_extra_state` module entries left out
+    (it turns every entry into an fp32 tensor: AttributeError), every stage's layout maps in the
+    model-state files, and the tied embedding taken from the first stage only."""
+    from deepspeed.checkpoint.constants import PIPELINE_REPLICATED_PARAMETER_PATTERNS, UNIVERSAL_CHECKPOINT_INFO
+
+    if not isinstance(state, dict):
+        return state
+    if isinstance(state.get("module"), dict):
         state = {**state, "module": {k: v for k, v in state["module"].items() if isinstance(v, torch.Tensor)}}
+    if layouts is not None and UNIVERSAL_CHECKPOINT_INFO in state:
+        state = {**state, UNIVERSAL_CHECKPOINT_INFO: {**layouts, PIPELINE_REPLICATED_PARAMETER_PATTERNS:
+                                                      [re.escape(f"tied_modules.{TIED_KEY}.")]}}
     return state
 
 
-def needs_universal(meta: dict[str, Any], dp_size: int, tp_size: int) -> bool:
-    """Whether resuming from a checkpoint with this metadata at `dp_size` x `tp_size` ranks needs the
-    universal-checkpoint path: its state is cut into ZeRO shards for another DP or TP size."""
-    parallel = meta["config"]["parallel"]
-    return parallel["zero_stage"] > 0 and (meta["dp_size"] != dp_size or parallel["tensor"] != tp_size)
+def _rename_to_network(zero: Path) -> None:
+    """Name each parameter's folder of a PP checkpoint's conversion as the Network does."""
+    for d in [d for d in zero.iterdir() if d.is_dir()]:
+        d.rename(zero / network_name(d.name))
+
+
+@contextlib.contextmanager
+def network_names(engine):
+    """During a universal load into a pipeline engine: the ZeRO optimizer looks each parameter up under
+    its Network name (the universal folder's, see the module docstring), then under its own again
+    (DeepSpeed's saves name parameters as the PipelineModule does)."""
+    from deepspeed.pipe import PipelineModule
+
+    opt = engine.optimizer
+    if not isinstance(engine.module, PipelineModule) or not hasattr(opt, "param_names"):
+        yield
+        return
+    own = opt.param_names
+    opt.param_names = {p: network_name(n) for p, n in own.items()}
+    try:
+        yield
+    finally:
+        opt.param_names = own
+
+
+def needs_universal(meta: dict[str, Any], parallel: dict[str, Any]) -> bool:
+    """Whether resuming from a checkpoint with this metadata under the run's `parallel` settings (and
+    its `dp_size`) goes through a universal checkpoint: its optimizer state is cut into ZeRO shards for
+    another TP, PP or DP size, or another ZeRO stage (checkpoint.check_compatible refuses the changes
+    a ZeRO-0 checkpoint cannot make)."""
+    saved = {**meta["config"]["parallel"], "dp_size": meta["dp_size"]}
+    return saved["zero_stage"] > 0 and any(saved.get(k, 1) != parallel.get(k, 1)
+                                           for k in ("tensor", "pipeline", "dp_size", "zero_stage"))
 
 
 def convert_collectively(path: Path, *, rank: int) -> tuple[Path, str]:

@@ -8,4 +8,6 @@ baseline of the same dimensions, on one GPU, side by side in one command (docs/b
     suites.py   the suite registry; the architecture suites run the launch/device harnesses
     report.py   the JSON for tracking and the table in docs/benchmarks.md
     cli.py      argument handling
+    multigpu.py `--suite multigpu --gpus N`: correctness, scaling and resume on a TP x PP x DP grid
+    grid.py     one grid run under torchrun: the trainer's step on layout-independent global batches
 """

@@ -82,12 +82,13 @@ def render(data: dict) -> str:
     return "\n".join(out + [END])
 
 
-def update_doc(doc: Path, section: str) -> None:
+def update_doc(doc: Path, section: str, markers: tuple[str, str] = (BEGIN, END)) -> None:
     """Replace the marked section, or insert it before the first second-level heading."""
     text = doc.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
+    begin, end = markers
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         i = text.find("\n## ")
         text = text[:i + 1] + section + "\n\n" + text[i + 1:] if i >= 0 else text + "\n" + section + "\n"

@@ -148,14 +148,17 @@ def pipelined(out: str, tp: int, zero: int) -> None:
             change = joined(before[n] - p.detach(), p, ps.get_tensor_model_parallel_group())
             gap = max(gap, (change - ref[key]["grads"][n]).abs().max().item())
             held.add(n)
+        # the PipelineModule's parameter names map to the network's (what universal checkpoints use)
+        named = all(pl.network_name(n) == names[id(p)] for n, p in module.named_parameters())
         everyone = [None] * world
-        dist.all_gather_object(everyone, (layout.pp_rank, gap, sorted(held)))
+        dist.all_gather_object(everyone, (layout.pp_rank, gap, sorted(held), named))
         results[name] = {
-            "loss": float(loss), "ref_loss": ref[key]["loss"], "grad_gap": max(g for _, g, _ in everyone),
-            "covered": sorted(set().union(*(h for _, _, h in everyone))) == sorted(ref[key]["grads"]),
+            "loss": float(loss), "ref_loss": ref[key]["loss"], "grad_gap": max(e[1] for e in everyone),
+            "covered": sorted(set().union(*(e[2] for e in everyone))) == sorted(ref[key]["grads"]),
+            "network_names": all(e[3] for e in everyone),
             "budgets": ref[key]["budgets"],
             "tied_on_both": "layers.0.tok.weight" in everyone[0][2] and all(
-                "layers.0.tok.weight" in h for s, _, h in everyone if s == 1) if cfg.tie_embeddings else None,
+                "layers.0.tok.weight" in e[2] for e in everyone if e[0] == 1) if cfg.tie_embeddings else None,
             "parts": [int(x) for x in module.parts],
             "grad_scale": max(g.abs().max().item() for g in ref[key]["grads"].values()),
         }

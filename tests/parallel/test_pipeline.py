@@ -26,6 +26,7 @@ def test_pp2_matches_one_process(tmp_path):
         for model, r in res.items():
             where = f"{model} at tp {tp}, zero {zero}"
             assert r["covered"], where  # every parameter lives on some stage
+            assert r["network_names"], where  # pipeline.network_name: each stage's names are the network's
             if model == "llama":
                 assert r["tied_on_both"], where  # the tied matrix on both end stages, equal after the step
             # ternary layers at TP 2 round a few weights differently (the absmean scale is summed over

@@ -74,3 +74,51 @@ def test_harness_table_and_json_come_back(tmp_path):
     bad = suites.run_harness([str(tmp_path / "missing.py")], log=lambda s: None)
     assert "error" in bad
     assert sys.executable  # the harness runs under this interpreter
+
+
+def test_grid_batches_do_not_depend_on_the_layout():
+    """pretrain/bench/grid.py: the DP ranks' micro-batches of a step, together, are the one-rank
+    stream's, in order; the next step's are other tokens."""
+    from pretrain.bench.grid import global_batches
+
+    one = global_batches(384, 8, 16, 0, 1, 2)
+    ranks = [global_batches(384, 8, 16, r, 2, 2) for r in range(2)]
+    for _ in range(3):
+        whole = torch.cat([next(one) for _ in range(4)])
+        assert torch.equal(torch.cat([next(it) for it in ranks for _ in range(2)]), whole)
+        assert whole.shape == (8, 17) and whole.unique().numel() > 100
+    assert not torch.equal(next(one), whole[:2])
+
+
+def test_multigpu_correctness_with_processes_for_gpus(tiny_data, tmp_path):
+    """The multi-GPU suite's correctness part on CPU (gloo, two processes for two GPUs): TP=2 and PP=2
+    give the one-process losses of the same global batches, step by step, and the section of
+    docs/benchmarks.md shows them."""
+    from pretrain.bench import multigpu
+    from tests.helpers import TINY_CONFIG, tiny_overrides
+
+    extra = [o for o in tiny_overrides(tiny_data, tmp_path) if not o.startswith("dir=")]
+    extra += ["model.arch=subllm", "model.structure=TT(TT)TT", "model.init_std=0.1"]
+    res = multigpu.run(2, parts=("correctness",), data=str(tiny_data), models={"subllm": TINY_CONFIG}, extra=extra, steps=3,
+                       rel_tol=1e-5, timeout=300)
+    c = res["correctness"]
+    assert "error" not in c["reference"], c["reference"]
+    losses = c["reference"]["losses"]
+    assert len(set(losses)) == 3  # training moves
+    assert [(g["layout"]["tp"], g["layout"]["pp"]) for g in c["grids"]] == [(2, 1), (1, 2)]
+    for g in c["grids"]:
+        assert g["ok"] and g["losses"] == pytest.approx(losses, rel=1e-5), g
+    section = multigpu.render(res, "python -m pretrain bench --suite multigpu --gpus 2", {"gpu": "cpu"})
+    assert "| TP=1 x PP=2 x DP=1 | " + " ".join(f"{x:.4f}" for x in losses) in section
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nintro\n\n## Other\n")
+    report.update_doc(doc, section, markers=(multigpu.BEGIN, multigpu.END))
+    report.update_doc(doc, section, markers=(multigpu.BEGIN, multigpu.END))  # replaced, not added twice
+    assert doc.read_text().count(multigpu.BEGIN) == 1 and "## Other" in doc.read_text()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="checks the refusal with fewer than two GPUs")
+def test_multigpu_needs_gpus(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the no-CUDA check
+    assert main(["bench", "--suite", "multigpu", "--gpus", "8"]) == 2
+    assert "needs --gpus N with 1 <= N" in capsys.readouterr().err

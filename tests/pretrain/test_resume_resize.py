@@ -69,25 +69,38 @@ def test_resume_zero1_tp1_as_tp2(tiny_data, tmp_path):
     check(tmp_path, "1", 1, 1, res.stdout, tp=(1, 2))
 
 
-def _meta(tp: int, dp: int, stage: int) -> dict:
-    return {"dp_size": dp, "config": {"model": {"d_model": 32}, "parallel": {"tensor": tp, "zero_stage": stage}}}
+def _meta(tp: int, dp: int, stage: int, pp: int = 1) -> dict:
+    return {"dp_size": dp, "config": {"model": {"d_model": 32},
+                                      "parallel": {"tensor": tp, "pipeline": pp, "zero_stage": stage}}}
+
+
+def _run(tp: int, dp: int, stage: int, pp: int = 1) -> dict:
+    return {"tensor": tp, "pipeline": pp, "zero_stage": stage, "dp_size": dp}
 
 
 def test_which_resumes_convert():
     model = {"d_model": 32}
     # a DP change passes the compatibility check at any ZeRO stage ...
     for stage in (0, 1, 2, 3):
-        ckpt.check_compatible(_meta(1, 2, stage), model, {"tensor": 1, "zero_stage": stage, "dp_size": 1}, Path("c"))
+        ckpt.check_compatible(_meta(1, 2, stage), model, _run(1, 1, stage), Path("c"))
     # ... and goes through a universal checkpoint only when the optimizer state is cut into ZeRO shards
-    assert not universal.needs_universal(_meta(1, 2, 0), 1, 1)  # ZeRO-0: the state is whole in every file
-    assert not universal.needs_universal(_meta(1, 2, 1), 2, 1)
-    assert all(universal.needs_universal(_meta(1, 2, s), 1, 1) for s in (1, 2, 3))
-    # a TP change under ZeRO >= 1 converts too (any DP size) ...
-    ckpt.check_compatible(_meta(2, 1, 1), model, {"tensor": 1, "zero_stage": 1, "dp_size": 1}, Path("c"))
-    assert all(universal.needs_universal(_meta(2, 1, s), 1, 1) for s in (1, 2, 3))
-    # ... under ZeRO-0 it is refused, clearly
-    with pytest.raises(CheckpointError, match="parallel.tensor=2 shards.*ZeRO-0 checkpoint resumes only at the same"):
-        ckpt.check_compatible(_meta(2, 1, 0), model, {"tensor": 1, "zero_stage": 0, "dp_size": 1}, Path("c"))
+    assert not universal.needs_universal(_meta(1, 2, 0), _run(1, 1, 0))  # ZeRO-0: the state is whole in every file
+    assert not universal.needs_universal(_meta(1, 2, 1), _run(1, 2, 1))
+    assert not universal.needs_universal(_meta(2, 2, 1, pp=2), _run(2, 2, 1, pp=2))
+    assert all(universal.needs_universal(_meta(1, 2, s), _run(1, 1, s)) for s in (1, 2, 3))
+    # a TP or PP change, or another ZeRO stage >= 1, converts too (any DP size) ...
+    for saved, run in [(_meta(2, 1, 1), _run(1, 1, 1)), (_meta(2, 2, 1, pp=2), _run(1, 8, 1)),
+                       (_meta(1, 1, 1), _run(1, 1, 1, pp=2)), (_meta(1, 2, 1), _run(1, 2, 2))]:
+        ckpt.check_compatible(saved, model, run, Path("c"))
+        assert universal.needs_universal(saved, run)
+    # ... a ZeRO-0 checkpoint cannot, and nothing crosses between ZeRO-0 and ZeRO >= 1: refused, clearly
+    for saved, run in [(_meta(2, 1, 0), _run(1, 1, 0)), (_meta(1, 1, 0, pp=2), _run(1, 2, 0)),
+                       (_meta(1, 2, 0, pp=2), _run(1, 1, 0, pp=2))]:
+        with pytest.raises(CheckpointError, match="ZeRO-0 checkpoint resumes only at the same tensor- and pipeline"):
+            ckpt.check_compatible(saved, model, run, Path("c"))
+    with pytest.raises(CheckpointError, match=r"written at parallel.tensor=1 x parallel.pipeline=1 x 2 data-parallel "
+                                              r"ranks, zero_stage=0; this run uses .* zero_stage=1: resuming between"):
+        ckpt.check_compatible(_meta(1, 2, 0), model, _run(1, 2, 1), Path("c"))
 
 
 def test_undescribed_tp_checkpoint_is_refused(tmp_path):
