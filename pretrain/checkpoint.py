@@ -204,9 +204,7 @@ def check_compatible(meta: dict[str, Any], model_cfg: dict[str, Any], parallel_c
     sizes (its optimizer state is cut by them, and the converter reads ZeRO shards only); it changes
     DP size without PP only (its state is whole in every file)."""
     check_model(meta, model_cfg, path)
-    saved = {**meta["config"]["parallel"], "dp_size": meta["dp_size"]}
-    saved.setdefault("pipeline", 1)
-    run = {"pipeline": 1, **parallel_cfg}
+    saved, run = saved_layout(meta), {"pipeline": 1, **parallel_cfg}
     layout = "parallel.tensor={tensor} x parallel.pipeline={pipeline} x {dp_size} data-parallel ranks, zero_stage={zero_stage}"
     where = (f"checkpoint {path} was written at {layout.format(**saved)}; this run uses {layout.format(**run)}")
     if (saved["zero_stage"] == 0) != (run["zero_stage"] == 0):
@@ -218,6 +216,12 @@ def check_compatible(meta: dict[str, Any], model_cfg: dict[str, Any], parallel_c
                               "parallel sizes (and, under pipeline parallelism, data-parallel size); another "
                               "layout goes through a universal checkpoint, which needs parallel.zero_stage >= 1 "
                               "when the checkpoint is written")
+
+
+def saved_layout(meta: dict[str, Any]) -> dict[str, Any]:
+    """The layout a checkpoint was written at: its `parallel` settings (pipeline 1 before PP existed)
+    and its data-parallel size."""
+    return {"pipeline": 1, **meta["config"]["parallel"], "dp_size": meta["dp_size"]}
 
 
 def check_model(meta: dict[str, Any], model_cfg: dict[str, Any], path: Path, ignore: tuple[str, ...] = ()) -> None:

@@ -52,12 +52,18 @@ def to_universal(path: Path, *, workers: int = 1) -> Path:
 
     from deepspeed.checkpoint import ds_to_universal
 
-    from pretrain.checkpoint import read_meta
+    from pretrain.checkpoint import LAYOUT_FORMAT, read_meta, saved_layout
 
     out = path / UNIVERSAL
     if out.is_dir():
         return out
-    _check_layouts(path)
+    meta = read_meta(path)
+    saved = saved_layout(meta)
+    if saved["tensor"] > 1 and meta.get("checkpoint_format", 1) < LAYOUT_FORMAT:  # shards it could not join
+        raise CheckpointError(f"{path} was written at parallel.tensor={saved['tensor']} without its parameters' "
+                              "tensor-parallel layouts (an older Frugal): resume it at the same data- "
+                              "and tensor-parallel sizes")
+    pipeline = saved["pipeline"] > 1
     tmp = path / (UNIVERSAL + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     args = argparse.Namespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=workers,
@@ -65,10 +71,12 @@ def to_universal(path: Path, *, workers: int = 1) -> Path:
                               inject_missing_state=True)  # older TP=1 checkpoints: nothing to join
     log = io.StringIO()
     try:
-        view = functools.partial(_converter_view, layouts=_all_layouts(path))
+        # under PP the stages' model-state files each describe their own parameters (and hold no
+        # weights, the layer files do: cheap to read twice); without PP every file describes them all
+        view = functools.partial(_converter_view, layouts=_all_layouts(path) if pipeline else None)
         with safe_torch_load(transform=view), contextlib.redirect_stdout(log):
             ds_to_universal.main(args)
-        if read_meta(path)["config"]["parallel"].get("pipeline", 1) > 1:
+        if pipeline:
             _rename_to_network(tmp / "zero")
     except pickle.UnpicklingError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,19 +89,6 @@ def to_universal(path: Path, *, workers: int = 1) -> Path:
     if stray.is_file() and stray.read_text().strip() == tmp.name:
         stray.unlink()
     return out
-
-
-def _check_layouts(path: Path) -> None:
-    """Refuse a checkpoint whose TP shards the converter could not join: written at TP > 1 without the
-    layout maps (before Frugal wrote them)."""
-    from pretrain.checkpoint import LAYOUT_FORMAT, read_meta
-
-    meta = read_meta(path)
-    saved_tp = meta["config"]["parallel"]["tensor"]
-    if saved_tp > 1 and meta.get("checkpoint_format", 1) < LAYOUT_FORMAT:
-        raise CheckpointError(f"{path} was written at parallel.tensor={saved_tp} without its parameters' "
-                              "tensor-parallel layouts (an older Frugal): resume it at the same data- "
-                              "and tensor-parallel sizes")
 
 
 def _all_layouts(path: Path) -> dict[str, Any]:
@@ -115,8 +110,9 @@ def _all_layouts(path: Path) -> dict[str, Any]:
 
 def _converter_view(state, *, layouts):
     """What the converter reads of each file: megatron's None `_extra_state` module entries left out
-    (it turns every entry into an fp32 tensor: AttributeError), every stage's layout maps in the
-    model-state files, and the tied embedding taken from the first stage only."""
+    (it turns every entry into an fp32 tensor: AttributeError); for a PP checkpoint (`layouts`: the
+    union of its stages' maps) every stage's layout maps in each model-state file, and the tied
+    embedding taken from the first stage only."""
     from deepspeed.checkpoint.constants import PIPELINE_REPLICATED_PARAMETER_PATTERNS, UNIVERSAL_CHECKPOINT_INFO
 
     if not isinstance(state, dict):
@@ -159,8 +155,10 @@ def needs_universal(meta: dict[str, Any], parallel: dict[str, Any]) -> bool:
     its `dp_size`) goes through a universal checkpoint: its optimizer state is cut into ZeRO shards for
     another TP, PP or DP size, or another ZeRO stage (checkpoint.check_compatible refuses the changes
     a ZeRO-0 checkpoint cannot make)."""
-    saved = {**meta["config"]["parallel"], "dp_size": meta["dp_size"]}
-    return saved["zero_stage"] > 0 and any(saved.get(k, 1) != parallel.get(k, 1)
+    from pretrain.checkpoint import saved_layout
+
+    saved = saved_layout(meta)
+    return saved["zero_stage"] > 0 and any(saved[k] != parallel.get(k, 1)
                                            for k in ("tensor", "pipeline", "dp_size", "zero_stage"))
 
 

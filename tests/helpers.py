@@ -3,19 +3,14 @@ hard timeout so nothing can hang CI, and the overrides that shrink a config to u
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
+from parallel.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def subprocess_env(nproc: int = 1, **extra: str) -> dict[str, str]:
@@ -43,7 +38,7 @@ def run(cmd: list[str], *, nproc: int = 1, timeout: float = 300, env: dict | Non
 def torchrun(nproc: int, target: list[str]) -> list[str]:
     """`target` is either ['-m', 'module', ...] or ['script.py', ...]."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *target]
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target]
 
 
 def cli(*args: str, nproc: int = 1, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

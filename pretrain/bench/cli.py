@@ -92,13 +92,15 @@ def _multigpu(args) -> int:
     command = "python -m pretrain bench " + shlex.join(sys.argv[2:])
     out, res = Path(args.out) / "multigpu.json", {"gpus": args.gpus}
     out.parent.mkdir(parents=True, exist_ok=True)
-    data = args.data or str(multigpu.stdlib_corpus(multigpu.RESUME_CONFIG, Path(tempfile.mkdtemp()) / "corpus"))
-    for part in args.parts or multigpu.PARTS:  # written after each part: a long series keeps what it measured
-        res.update(multigpu.run(args.gpus, parts=(part,), data=data, models=models, steps=args.steps,
-                                warmup=args.warmup, log=lambda s: print(s, flush=True)))
-        out.write_text(json.dumps({"machine": machine(), "command": command, **res}, indent=1))
-        section = multigpu.render(res, command, machine())
-        if not args.no_doc:
-            report.update_doc(Path(args.doc), section, markers=(multigpu.BEGIN, multigpu.END))
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data or str(multigpu.stdlib_corpus(multigpu.RESUME_CONFIG, Path(tmp) / "corpus", log=log))
+        for part in args.parts or multigpu.PARTS:  # written after each part: a long series keeps what it measured
+            res.update(multigpu.run(args.gpus, data=data, parts=(part,), models=models, steps=args.steps,
+                                    warmup=args.warmup, log=log))
+            out.write_text(json.dumps({"machine": machine(), "command": command, **res}, indent=1))
+            section = multigpu.render(res, command, machine())
+            if not args.no_doc:
+                report.update_doc(Path(args.doc), section, markers=(multigpu.BEGIN, multigpu.END))
     print(section)
     return 0

@@ -41,8 +41,7 @@ def run(spec: dict) -> dict:
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
 
-    cfg = load_config(spec["config"], [*spec.get("overrides", []), "tracking.enabled=false",
-                                       "training.eval_every=0", "checkpoint.every=0"])
+    cfg = load_config(spec["config"], [*spec.get("overrides", []), "tracking.enabled=false"])
     t = Trainer(cfg)
     cfg, layout = t.cfg, t.layout
     t.batches = global_batches(cfg.model.vocab_size, cfg.training.global_batch_size, cfg.model.seq_len,

@@ -35,14 +35,11 @@ def correctness_layouts(gpus: int) -> list[tuple[int, int]]:
 
 def launch(nproc: int, argv: list[str], *, timeout: float, log=print) -> tuple[int, str]:
     """`argv` under torchrun on `nproc` local processes (or one plain process); (return code, output)."""
-    import socket
+    from parallel.distributed import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = [sys.executable, *argv] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(port), *argv]
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *argv]
     # a fresh rendezvous: none of a surrounding job's (or an in-process group's) rank and port settings
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -153,28 +150,25 @@ def resume(gpus: int, *, config: str, extra: list[str], timeout: float, workdir:
     return out
 
 
-def run(gpus: int, *, parts=PARTS, data: str | None = None, models: dict[str, str] = MODELS,
-        resume_config: str = RESUME_CONFIG, extra: list[str] = (), steps: int = 5, warmup: int = 2,
-        per_gpu_batch: int = 16, rel_tol: float = 2e-2, timeout: float = 900, log=print) -> dict:
-    """The parts asked for, every run on the corpus `data` (default: one made from the standard
-    library; grid runs read only its layout, the resume drill its samples); `extra`: overrides for
-    every run (the tests shrink the models with them)."""
+def run(gpus: int, *, data: str, parts=PARTS, models: dict[str, str] = MODELS, resume_config: str = RESUME_CONFIG,
+        extra: list[str] = (), steps: int = 5, warmup: int = 2, per_gpu_batch: int = 16, rel_tol: float = 2e-2,
+        timeout: float = 900, log=print) -> dict:
+    """The parts asked for, every run on the prepared corpus `data` (grid runs read only its layout,
+    the resume drill its samples; `stdlib_corpus` makes one); `extra`: overrides for every run (the
+    tests shrink the models with them)."""
     out = {"gpus": gpus}
-    with tempfile.TemporaryDirectory() as tmp:
-        if data is None:
-            data = str(stdlib_corpus(resume_config, Path(tmp) / "corpus", log=log))
-        extra = [f"data.path={data}", *extra]
-        if "correctness" in parts:
-            out["correctness"] = correctness(gpus, config=models.get("subllm", MODELS["subllm"]), extra=extra,
-                                             steps=steps, rel_tol=rel_tol, timeout=timeout, log=log)
-        if "scaling" in parts:
-            out["scaling"] = scaling(gpus, models=models, extra=extra, per_gpu_batch=per_gpu_batch, steps=steps,
-                                     warmup=warmup, timeout=timeout, log=log)
-        if "resume" in parts and gpus < 2:
-            out["resume"] = {"error": "a layout change needs 2 or more GPUs"}
-        elif "resume" in parts:
-            out["resume"] = resume(gpus, config=resume_config, extra=extra, timeout=timeout,
-                                   workdir=Path(tmp), log=log)
+    extra = [f"data.path={data}", *extra]
+    if "correctness" in parts:
+        out["correctness"] = correctness(gpus, config=models.get("subllm", MODELS["subllm"]), extra=extra,
+                                         steps=steps, rel_tol=rel_tol, timeout=timeout, log=log)
+    if "scaling" in parts:
+        out["scaling"] = scaling(gpus, models=models, extra=extra, per_gpu_batch=per_gpu_batch, steps=steps,
+                                 warmup=warmup, timeout=timeout, log=log)
+    if "resume" in parts and gpus < 2:
+        out["resume"] = {"error": "a layout change needs 2 or more GPUs"}
+    elif "resume" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            out["resume"] = resume(gpus, config=resume_config, extra=extra, timeout=timeout, workdir=Path(tmp), log=log)
     return out
 
 

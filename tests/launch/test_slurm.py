@@ -3,14 +3,15 @@ srun on both nodes, rendezvous on the first, a tiny data-parallel run to its che
 import re
 from pathlib import Path
 
-from tests.helpers import TINY_CONFIG, _free_port, run, subprocess_env, tiny_overrides
+from parallel.distributed import free_port
+from tests.helpers import TINY_CONFIG, run, subprocess_env, tiny_overrides
 
 SCRIPT = "launch/slurm.sbatch"
 
 
 def sbatch(cluster, log: Path, *args: str, timeout: int = 420) -> tuple[int, str, str]:
     """`sbatch --wait` from the repository root; returns (exit code, sbatch's output, the job's log)."""
-    env = cluster.env(subprocess_env(1, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    env = cluster.env(subprocess_env(1, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                                      OMP_NUM_THREADS="1"))
     # `timeout` inside, helpers.run's process-group kill outside: sbatch --wait can never hang the suite
     res = run(["timeout", str(timeout), "sbatch", "--wait", f"--output={log}", *args],
@@ -66,7 +67,7 @@ def test_preemption_signal_saves_requeues_and_resumes(slurm_cluster, tiny_data, 
                                                   "checkpoint.every": steps, "training.eval_every": steps})
     # 0.1 s per step: the signal must land before the run's end (a bare tiny run takes ~5 s, and a busy
     # CI machine can be that late with the scancel)
-    env = slurm_cluster.env(subprocess_env(1, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    env = slurm_cluster.env(subprocess_env(1, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                                            OMP_NUM_THREADS="1", FRUGAL_TEST_STEP_DELAY="0.1"))
     res = run(["sbatch", "--parsable", "--nodes=2", f"--output={log}", SCRIPT, TINY_CONFIG, *over],
               env=env, timeout=60)

@@ -99,7 +99,7 @@ def test_multigpu_correctness_with_processes_for_gpus(tiny_data, tmp_path):
 
     extra = [o for o in tiny_overrides(tiny_data, tmp_path) if not o.startswith("dir=")]
     extra += ["model.arch=subllm", "model.structure=TT(TT)TT", "model.init_std=0.1"]
-    res = multigpu.run(2, parts=("correctness",), data=str(tiny_data), models={"subllm": TINY_CONFIG}, extra=extra, steps=3,
+    res = multigpu.run(2, data=str(tiny_data), parts=("correctness",), models={"subllm": TINY_CONFIG}, extra=extra, steps=3,
                        rel_tol=1e-5, timeout=300)
     c = res["correctness"]
     assert "error" not in c["reference"], c["reference"]
